@@ -1,0 +1,180 @@
+"""Audit database tables.
+
+Patient identifiers: none are stored. Cases are found by study and series UID, which is what
+"why was this series rejected" and "was the result delivered" need.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class CaseState(str, enum.Enum):
+    """Life of a case: collecting -> ready (job queued) | incomplete (timed out)."""
+
+    COLLECTING = "collecting"
+    READY = "ready"
+    INCOMPLETE = "incomplete"
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class AssociationRecord(Base):
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # accepted -> released | aborted; or rejected with a reason
+    outcome: Mapped[str] = mapped_column(String(16), default="accepted")
+    reason: Mapped[str | None] = mapped_column(Text)
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_refused: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_associations_started_at", "started_at"),)
+
+
+class Case(Base):
+    """One CT series and the SEG instances that reference it."""
+
+    __tablename__ = "cases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    ct_series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=CaseState.COLLECTING.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_instance_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    instances: Mapped[list["Instance"]] = relationship(back_populates="case")
+    jobs: Mapped[list["Job"]] = relationship(back_populates="case")
+
+    __table_args__ = (Index("ix_cases_state", "state"), Index("ix_cases_study", "study_instance_uid"))
+
+
+class Instance(Base):
+    """One acknowledged SOP instance, stored in the spool exactly as received."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str] = mapped_column(String(16))
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    spool_path: Mapped[str] = mapped_column(Text)  # relative to the spool root
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"))
+    # SEG only: what it segments and who made it (for "how often does vendor X fail")
+    referenced_series_uid: Mapped[str | None] = mapped_column(UID)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    algorithm_name: Mapped[str | None] = mapped_column(String(64))
+    algorithm_version: Mapped[str | None] = mapped_column(String(64))
+
+    case: Mapped[Case | None] = relationship(back_populates="instances")
+    references: Mapped[list["SegReference"]] = relationship(back_populates="seg", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        Index("ix_instances_series", "series_instance_uid"),
+        Index("ix_instances_case", "case_id"),
+        Index("ix_instances_referenced_series", "referenced_series_uid"),
+    )
+
+
+class SegReference(Base):
+    """A CT instance that a SEG's frames are derived from (its source image references)."""
+
+    __tablename__ = "seg_references"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seg_instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    referenced_sop_instance_uid: Mapped[str] = mapped_column(UID)
+
+    seg: Mapped[Instance] = relationship(back_populates="references")
+
+    __table_args__ = (
+        UniqueConstraint("seg_instance_id", "referenced_sop_instance_uid", name="uq_seg_reference"),
+        Index("ix_seg_references_sop", "referenced_sop_instance_uid"),
+    )
+
+
+class RefusedInstance(Base):
+    """An instance that was received but not accepted; the bytes are kept in quarantine."""
+
+    __tablename__ = "refused_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
+    # unparseable | missing-attribute | conflict | disk-full | ...
+    reason_code: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    dimse_status: Mapped[int] = mapped_column(Integer)
+    quarantine_path: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_refused_reason", "reason_code"),)
+
+
+class Job(Base):
+    """The durable work queue: one row per ready case, consumed by the pipeline workers."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
+    kind: Mapped[str] = mapped_column(String(32), default="qc")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    case: Mapped[Case] = relationship(back_populates="jobs")
+
+    __table_args__ = (
+        UniqueConstraint("case_id", "kind", name="uq_job_case_kind"),
+        Index("ix_jobs_state", "state"),
+    )
