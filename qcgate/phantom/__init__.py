@@ -1,0 +1,1 @@
+"""Synthetic multi-reader chest CT cohorts (labelled synthetic everywhere) and DICOM export."""
