@@ -1,0 +1,1 @@
+"""The DICOM network node: association policy, C-STORE ingest, the spool, and the service loop."""

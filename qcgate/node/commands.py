@@ -1,0 +1,63 @@
+"""Sub-commands: `serve` and `check-config`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qcgate.config import Settings, load_settings
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --data-dir/--db-url, shared by every command that opens the database."""
+    parser.add_argument("--config", type=Path, help="TOML settings file (see deploy/qcgate.example.toml)")
+    parser.add_argument("--data-dir", type=Path, help="spool, quarantine and the embedded database live here")
+    parser.add_argument("--db-url", help="SQLAlchemy URL of the audit database (default: SQLite in the data dir)")
+
+
+def settings_from_args(args: argparse.Namespace, node: dict[str, Any] | None = None, assembly: dict[str, Any] | None = None) -> Settings:
+    """Settings from --config, with command-line flags overriding the file."""
+    data_dir = args.data_dir.resolve() if getattr(args, "data_dir", None) else None
+    return load_settings(args.config, {
+        "storage": {"data_dir": data_dir},
+        "database": {"url": getattr(args, "db_url", None)},
+        "node": node or {},
+        "assembly": assembly or {},
+    })
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from qcgate.logs import configure_logging
+    from qcgate.node.service import GateService
+
+    settings = settings_from_args(
+        args,
+        node={"port": args.port, "ae_title": args.ae_title, "host": args.host},
+        assembly={"stable_seconds": args.stable_seconds},
+    )
+    configure_logging(settings.logging)
+    GateService(settings).run_forever()
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(f"{args.file}: OK")
+    print(f"  listens on {settings.node.host}:{settings.node.port} as {settings.node.ae_title}")
+    print(f"  data dir {settings.storage.data_dir}; database {settings.database_url.split('@')[-1]}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the DICOM node and the case assembler")
+    add_settings_arguments(serve)
+    serve.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--ae-title", help="our AE title (default QCGATE)")
+    serve.add_argument("--stable-seconds", type=float, help="quiet time before a complete case is ready")
+    serve.set_defaults(handler=_serve)
+
+    check = subparsers.add_parser("check-config", help="validate a TOML settings file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=_check_config)

@@ -1,0 +1,167 @@
+"""Ingest one received instance: check it, store it durably, record it, link it to its case.
+
+The order is what makes an acknowledgement safe: the file is fsynced and renamed into the spool,
+then the database row is committed, and only then does the caller return Success. A crash between
+the two leaves a spool file without a row, which is harmless: the sender was not acknowledged and
+re-sends, and the re-send finds the same bytes at the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from qcgate.node.dicom_header import HeaderError, InstanceHeader, read_header
+from qcgate.node.spool import Spool, sha256_of_file
+from qcgate.pipeline.assembler import attach_instance
+from qcgate.store.models import Instance, RefusedInstance, SegReference
+
+LOG = logging.getLogger("qcgate.ingest")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900  # data set does not match SOP class / lacks what it needs
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+_STATUS_FOR_CODE = {
+    "unparseable": STATUS_CANNOT_UNDERSTAND,
+    "missing-attribute": STATUS_DATASET_MISMATCH,
+    "invalid-attribute": STATUS_DATASET_MISMATCH,
+    "unsupported": STATUS_DATASET_MISMATCH,
+    "uid-mismatch": STATUS_DATASET_MISMATCH,
+    "disk-full": STATUS_OUT_OF_RESOURCES,
+}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one instance; ``status`` is the DIMSE status to return."""
+
+    status: int
+    outcome: str  # stored | duplicate | conflict | refused
+    message: str
+    sop_instance_uid: str | None = None
+    case_id: int | None = None
+
+
+class Ingestor:
+    """Stores instances for the node (and for any other way in, such as an import command)."""
+
+    def __init__(self, spool: Spool, session_factory: sessionmaker[Session], *, min_free_mb: float) -> None:
+        self.spool = spool
+        self.session_factory = session_factory
+        self.min_free_mb = min_free_mb
+        # One writer at a time for the check-rename-commit step: two associations sending the same
+        # SOP instance must not both rename into one path. It is short (rename, fsync, one commit).
+        self._write_lock = threading.Lock()
+
+    def disk_is_low(self) -> bool:
+        return self.spool.free_mb() < self.min_free_mb
+
+    def refuse_for_disk(self, incoming: Path | None, association_id: int | None, sop_instance_uid: str | None) -> IngestResult:
+        """A700 without keeping the payload: there is no room to keep it."""
+        if incoming is not None:
+            incoming.unlink(missing_ok=True)
+        message = f"free disk {self.spool.free_mb():.0f} MB is below the {self.min_free_mb:.0f} MB watermark"
+        self._record_refusal(association_id, sop_instance_uid, None, "disk-full", message, STATUS_OUT_OF_RESOURCES, None)
+        return IngestResult(STATUS_OUT_OF_RESOURCES, "refused", message, sop_instance_uid)
+
+    def ingest(
+        self,
+        incoming: Path,
+        *,
+        association_id: int | None = None,
+        expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> IngestResult:
+        """Ingest a complete Part 10 file at ``incoming`` (inside the spool's incoming folder)."""
+        try:
+            header = read_header(incoming)
+            if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid.strip():
+                raise HeaderError("uid-mismatch", f"SOPInstanceUID in the data set differs from the request's {expected_sop_instance_uid}")
+            if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid.strip():
+                raise HeaderError("uid-mismatch", f"SOPClassUID {header.sop_class_uid} differs from the request's {expected_sop_class_uid}")
+        except HeaderError as exc:
+            return self._quarantine(incoming, exc.code, str(exc), association_id, expected_sop_instance_uid, expected_sop_class_uid)
+        self.spool.sync_file(incoming)
+        digest = sha256_of_file(incoming)
+        size = incoming.stat().st_size
+        relative = self.spool.relative_path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        return self._store(incoming, header, relative, digest, size, association_id)
+
+    def _store(self, incoming: Path, header: InstanceHeader, relative: Path, digest: str, size: int, association_id: int | None) -> IngestResult:
+        with self._write_lock, self.session_factory() as session:
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
+            if existing is not None:
+                return self._resend(incoming, header, existing, digest, association_id)
+            self.spool.commit(incoming, relative)
+            instance = Instance(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                modality=header.modality,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                spool_path=str(relative),
+                size_bytes=size,
+                sha256=digest,
+                association_id=association_id,
+                referenced_series_uid=header.referenced_series_uids[0] if header.referenced_series_uids else None,
+                manufacturer=header.manufacturer,
+                algorithm_name=header.algorithm_name,
+                algorithm_version=header.algorithm_version,
+            )
+            instance.references = [SegReference(referenced_sop_instance_uid=uid[:64]) for uid in sorted(header.referenced_sop_instance_uids)]
+            session.add(instance)
+            session.flush()
+            case = attach_instance(session, instance, header.referenced_series_uids)
+            session.commit()
+            LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case.id if case else None)
+            return IngestResult(STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case.id if case else None)
+
+    def _resend(self, incoming: Path | None, header: InstanceHeader, existing: Instance, digest: str, association_id: int | None) -> IngestResult:
+        if existing.sha256 == digest:
+            if incoming is not None:
+                incoming.unlink(missing_ok=True)
+            LOG.info("identical re-send of %s: acknowledged, nothing new stored", header.sop_instance_uid)
+            return IngestResult(STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, existing.case_id)
+        message = f"conflicting re-send of {header.sop_instance_uid}: content differs from the stored copy; first copy kept"
+        kept = None
+        if incoming is not None:
+            kept = self.spool.set_aside(incoming, kind="conflict", details={
+                "sop_instance_uid": header.sop_instance_uid, "reason": message,
+                "stored_sha256": existing.sha256, "new_sha256": digest,
+            })
+        self._record_refusal(association_id, header.sop_instance_uid, header.sop_class_uid, "conflict", message, STATUS_SUCCESS, kept)
+        LOG.warning(message)
+        # The new copy is kept durably aside, so acknowledging it loses nothing.
+        return IngestResult(STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, existing.case_id)
+
+    def _quarantine(self, incoming: Path, code: str, message: str, association_id: int | None, sop_uid: str | None, sop_class: str | None) -> IngestResult:
+        status = _STATUS_FOR_CODE.get(code, STATUS_CANNOT_UNDERSTAND)
+        kept = self.spool.set_aside(incoming, kind="quarantine", details={
+            "reason_code": code, "reason": message, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
+            "dimse_status": f"0x{status:04X}",
+        })
+        self._record_refusal(association_id, sop_uid, sop_class, code, message, status, kept)
+        LOG.warning("refused %s with 0x%04X (%s): %s", sop_uid or "instance", status, code, message)
+        return IngestResult(status, "refused", message, sop_uid)
+
+    def _record_refusal(self, association_id: int | None, sop_uid: str | None, sop_class: str | None, code: str, message: str, status: int, kept: Path | None) -> None:
+        with self.session_factory() as session, session.begin():
+            session.add(RefusedInstance(
+                association_id=association_id,
+                sop_instance_uid=(sop_uid or None) and sop_uid[:128],
+                sop_class_uid=(sop_class or None) and sop_class[:128],
+                reason_code=code,
+                reason=message[:2000],
+                dimse_status=status,
+                quarantine_path=os.fspath(kept) if kept else None,
+            ))

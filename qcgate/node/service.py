@@ -1,0 +1,72 @@
+"""`qcgate serve`: the node, the assembler and the systemd handshake in one process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from sqlalchemy import text
+
+from qcgate.config import Settings
+from qcgate.node import systemd
+from qcgate.node.ingest import Ingestor
+from qcgate.node.scp import GateNode
+from qcgate.node.spool import Spool
+from qcgate.pipeline.assembler import AssemblerThread
+from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
+
+LOG = logging.getLogger("qcgate.service")
+
+
+class GateService:
+    """Everything `qcgate serve` runs; ``start()`` returns once the port is bound."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = create_db_engine(settings.database_url)
+        upgrade_database(self.engine)
+        self.session_factory = make_session_factory(self.engine)
+        self.spool = Spool(settings.storage.data_dir, fsync=settings.storage.fsync)
+        self.ingestor = Ingestor(self.spool, self.session_factory, min_free_mb=settings.storage.min_free_mb)
+        self.node = GateNode(settings.node, self.ingestor, self.session_factory)
+        self.assembler = AssemblerThread(self.session_factory, settings.assembly)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.assembler.start()
+        self.node.start()
+
+    def is_alive(self) -> bool:
+        """Liveness for the watchdog: database reachable, spool writable, assembler running."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            probe = self.spool.incoming / ".alive"
+            probe.write_bytes(b"1")
+            probe.unlink()
+        except Exception as exc:  # any failure here means "not alive"
+            LOG.error("liveness check failed: %s", exc)
+            return False
+        return self.assembler.is_alive()
+
+    def run_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT, feeding the systemd watchdog while alive."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._stopped.set())
+        self.start()
+        systemd.notify("READY=1")
+        systemd.notify(f"STATUS=listening on port {self.node.bound_port}")
+        interval = systemd.watchdog_interval_seconds()
+        while not self._stopped.wait(interval or 3600):
+            if interval and self.is_alive():
+                systemd.notify("WATCHDOG=1")
+        systemd.notify("STOPPING=1")
+        self.stop()
+
+    def stop(self) -> None:
+        LOG.info("shutting down")
+        self.node.stop()
+        self.assembler.stop()
+        self.assembler.join(timeout=10)
+        self.engine.dispose()

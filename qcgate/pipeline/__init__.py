@@ -1,0 +1,1 @@
+"""The pipeline: assemble received instances into cases, queue them, and (later) run QC jobs."""

@@ -1,0 +1,160 @@
+"""The assembler: which case an instance belongs to, and when a case is ready.
+
+A case is one CT series plus the SEG instances that reference it. It is *ready* when it has at
+least one SEG, every CT instance its SEGs reference is present, and nothing new has arrived for
+``stable_seconds``. A case still missing referenced CT instances (or still without a SEG)
+``incomplete_timeout_seconds`` after its last instance is marked *incomplete* with the reason.
+A ready case gets a pending row in the jobs table. All state is in the database, so a restart
+simply resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from qcgate.config import AssemblySettings
+from qcgate.node.dicom_header import CT_SOP_CLASSES, SEGMENTATION_STORAGE
+from qcgate.store.models import Case, CaseState, Instance, Job, JobState, SegReference, utcnow
+
+LOG = logging.getLogger("qcgate.assembler")
+
+
+def case_series_for(session: Session, instance: Instance, referenced_series: tuple[str, ...]) -> str | None:
+    """The CT series UID whose case this instance joins.
+
+    CT: its own series. SEG: the first referenced series; when the SEG names none, the series of a
+    referenced CT instance already received.
+    """
+    if instance.sop_class_uid in {str(uid) for uid in CT_SOP_CLASSES}:
+        return instance.series_instance_uid
+    if referenced_series:
+        return referenced_series[0]
+    sop_uids = [ref.referenced_sop_instance_uid for ref in instance.references]
+    if not sop_uids:
+        return None
+    return session.scalar(
+        select(Instance.series_instance_uid).where(Instance.sop_instance_uid.in_(sop_uids[:500])).limit(1)
+    )
+
+
+def get_or_create_case(session: Session, study_uid: str, ct_series_uid: str) -> Case:
+    """The case for ``ct_series_uid``, created if new (safe against a concurrent creator)."""
+    case = session.scalar(select(Case).where(Case.ct_series_uid == ct_series_uid))
+    if case is not None:
+        return case
+    try:
+        with session.begin_nested():
+            case = Case(study_instance_uid=study_uid, ct_series_uid=ct_series_uid)
+            session.add(case)
+            session.flush()
+    except IntegrityError:
+        case = session.scalars(select(Case).where(Case.ct_series_uid == ct_series_uid)).one()
+    return case
+
+
+def attach_instance(session: Session, instance: Instance, referenced_series: tuple[str, ...]) -> Case | None:
+    """Link a new instance to its case and restart the case's quiet timer."""
+    series_uid = case_series_for(session, instance, referenced_series)
+    if series_uid is None:
+        return None
+    case = get_or_create_case(session, instance.study_instance_uid, series_uid)
+    instance.case_id = case.id
+    case.last_instance_at = utcnow()
+    if case.state == CaseState.INCOMPLETE.value:
+        case.state = CaseState.COLLECTING.value  # late arrivals may complete it
+        case.reason = None
+    elif case.state == CaseState.READY.value:
+        LOG.info("case %s: instance %s arrived after the case was ready", case.id, instance.sop_instance_uid)
+    return case
+
+
+def missing_references(session: Session, case_id: int) -> tuple[int, int, int]:
+    """(number of SEGs, number of CT instances, number of referenced CT instances not present)."""
+    seg_class = str(SEGMENTATION_STORAGE)
+    n_seg = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.case_id == case_id, Instance.sop_class_uid == seg_class)
+    ) or 0
+    n_ct = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.case_id == case_id, Instance.sop_class_uid != seg_class)
+    ) or 0
+    seg_ids = select(Instance.id).where(Instance.case_id == case_id, Instance.sop_class_uid == seg_class)
+    present = select(Instance.sop_instance_uid).where(Instance.case_id == case_id, Instance.sop_class_uid != seg_class)
+    n_missing = session.scalar(
+        select(func.count(func.distinct(SegReference.referenced_sop_instance_uid))).where(
+            SegReference.seg_instance_id.in_(seg_ids),
+            SegReference.referenced_sop_instance_uid.not_in(present),
+        )
+    ) or 0
+    return int(n_seg), int(n_ct), int(n_missing)
+
+
+def assemble_once(session_factory: sessionmaker[Session], settings: AssemblySettings, now: dt.datetime | None = None) -> list[tuple[int, str]]:
+    """Examine every quiet collecting case once; returns [(case id, new state)] for cases that moved."""
+    now = now or utcnow()
+    quiet_since = now - dt.timedelta(seconds=settings.stable_seconds)
+    give_up_before = now - dt.timedelta(seconds=settings.incomplete_timeout_seconds)
+    moved: list[tuple[int, str]] = []
+    with session_factory() as session:
+        candidates = session.scalars(
+            select(Case.id).where(Case.state == CaseState.COLLECTING.value, Case.last_instance_at <= quiet_since)
+        ).all()
+    for case_id in candidates:
+        with session_factory() as session, session.begin():
+            case = session.get(Case, case_id, with_for_update=True)
+            if case is None or case.state != CaseState.COLLECTING.value or case.last_instance_at > _naive_or_aware(quiet_since, case.last_instance_at):
+                continue
+            n_seg, n_ct, n_missing = missing_references(session, case_id)
+            if n_seg > 0 and n_ct > 0 and n_missing == 0:
+                case.state = CaseState.READY.value
+                case.ready_at = now
+                case.reason = None
+                if session.scalar(select(Job.id).where(Job.case_id == case_id, Job.kind == "qc")) is None:
+                    session.add(Job(case_id=case_id, kind="qc", state=JobState.PENDING.value))
+                LOG.info("case %s ready: %d CT instances, %d SEG; job queued", case_id, n_ct, n_seg)
+                moved.append((case_id, case.state))
+            elif case.last_instance_at <= _naive_or_aware(give_up_before, case.last_instance_at):
+                if n_seg == 0:
+                    reason = f"no segmentation received ({n_ct} CT instances)"
+                elif n_ct == 0:
+                    reason = f"no CT instance of the referenced series received ({n_seg} SEG)"
+                else:
+                    reason = f"{n_missing} CT instance(s) referenced by the SEGs never arrived"
+                case.state = CaseState.INCOMPLETE.value
+                case.reason = reason
+                LOG.warning("case %s incomplete: %s", case_id, reason)
+                moved.append((case_id, case.state))
+    return moved
+
+
+def _naive_or_aware(moment: dt.datetime, like: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive UTC datetimes, PostgreSQL aware ones: compare like with like.
+    return moment.replace(tzinfo=None) if like.tzinfo is None else moment
+
+
+class AssemblerThread(threading.Thread):
+    """Runs ``assemble_once`` every poll interval until stopped."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: AssemblySettings) -> None:
+        super().__init__(name="qcgate-assembler", daemon=True)
+        self._session_factory = session_factory
+        self._settings = settings
+        self._stop_event = threading.Event()
+        self.last_success: dt.datetime | None = None
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                assemble_once(self._session_factory, self._settings)
+                self.last_success = utcnow()
+            except Exception:  # keep assembling after a transient database error
+                LOG.exception("assembler pass failed; retrying")
+            self._stop_event.wait(self._settings.poll_interval_seconds)
+
+    def stop(self) -> None:
+        self._stop_event.set()
