@@ -1,0 +1,61 @@
+"""A lung mask from a CT slice in HU, for when none is supplied.
+
+Steps (scipy.ndimage only):
+1. air = HU < ``threshold`` (−400 HU separates aerated lung, ≈ −850, from soft tissue, ≈ 40);
+2. drop air components touching the image border (outside-body air, table gaps);
+3. keep the largest component, plus the second one when it is at least ``second_fraction`` of the first
+   (two lungs, or one when they touch or only one is in the slice); components under ``min_area_px`` are noise;
+4. binary closing (disc radius ``closing_radius_px``) then hole filling, so vessels and nodules inside
+   the lung belong to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+LUNG_THRESHOLD_HU = -400.0
+
+
+def _disc(radius: int) -> np.ndarray:
+    grid_r, grid_c = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return grid_r**2 + grid_c**2 <= radius**2
+
+
+def lung_mask_from_hu(
+    image_hu: np.ndarray,
+    *,
+    threshold: float = LUNG_THRESHOLD_HU,
+    second_fraction: float = 0.1,
+    min_area_px: int = 50,
+    closing_radius_px: int = 3,
+) -> np.ndarray:
+    """Boolean lung mask of a 2-D HU slice (all False when no lung-like air is found).
+
+    M = fill(close(⋃_{k ∈ kept} C_k)), with C_k the 8-connected components of {HU < threshold} that do
+    not touch the border, kept = the largest and (if |C_2| ≥ second_fraction·|C_1|) the second largest.
+    """
+    image = np.asarray(image_hu)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    air = image < threshold
+    labels, count = ndimage.label(air, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros(image.shape, dtype=bool)
+    border_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    sizes[border_labels] = 0  # outside-body air is connected to the frame's edge
+    order = np.argsort(sizes)[::-1]
+    kept: list[int] = []
+    if sizes[order[0]] >= min_area_px:
+        kept.append(int(order[0]))
+        if count > 1 and sizes[order[1]] >= max(min_area_px, second_fraction * sizes[order[0]]):
+            kept.append(int(order[1]))
+    if not kept:
+        return np.zeros(image.shape, dtype=bool)
+    lungs = np.isin(labels, kept)
+    # Pad before closing so a lung touching the frame is not eroded by the border.
+    pad = closing_radius_px + 1
+    closed = ndimage.binary_closing(np.pad(lungs, pad), structure=_disc(closing_radius_px))[pad:-pad, pad:-pad]
+    return ndimage.binary_fill_holes(closed)
