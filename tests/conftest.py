@@ -1,0 +1,186 @@
+"""Fixtures: a real `qcgate serve` process on loopback, over SQLite or the PostgreSQL server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import free_port
+
+POSTGRES_ADMIN_URL = os.environ.get("QCGATE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
+    import psycopg
+
+    name = f"qcgate_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("QCGATE_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL required but unreachable at {POSTGRES_ADMIN_URL}: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The audit database URL: empty for the embedded SQLite default, or a fresh PostgreSQL DB."""
+    if request.param == "sqlite":
+        yield ""
+    else:
+        yield from _postgres_database()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+@dataclass
+class RunningGate:
+    """A `qcgate serve` subprocess and what a test needs to talk to it."""
+
+    data_dir: Path
+    config_path: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _logs: list[Path] = field(default_factory=list)
+
+    def start(self, timeout: float = 60) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qcgate.cli", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"qcgate serve exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"qcgate serve did not listen within {timeout}s:\n{self.log_text()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "qcgate.cli", *args, "--config", str(self.config_path)],
+                              capture_output=True, text=True, timeout=120)
+
+    def audit_cases(self) -> list[dict[str, Any]]:
+        result = self.cli("audit", "cases", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def wait_for_cases(self, predicate, timeout: float = 30) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+        """Poll the audit CLI until ``predicate(cases)`` holds; return the cases."""
+        deadline = time.monotonic() + timeout
+        cases = self.audit_cases()
+        while not predicate(cases):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"cases never reached the expected state: {json.dumps(cases, indent=1)}\n{self.log_text()[-3000:]}")
+            time.sleep(0.3)
+            cases = self.audit_cases()
+        return cases
+
+    def sql(self, query: str) -> list[tuple[Any, ...]]:
+        """Run a read-only SQL query against the gate's database."""
+        from sqlalchemy import text
+
+        from qcgate.config import load_settings
+        from qcgate.store.database import create_db_engine
+
+        engine = create_db_engine(load_settings(self.config_path).database_url)
+        try:
+            with engine.connect() as connection:
+                return [tuple(row) for row in connection.execute(text(query))]
+        finally:
+            engine.dispose()
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@pytest.fixture
+def make_gate(tmp_path: Path, db_url: str) -> Iterator[Any]:
+    """Factory: ``make_gate(node={...}, storage={...}, assembly={...})`` starts a gate."""
+    gates: list[RunningGate] = []
+
+    def _make(start: bool = True, **sections: dict[str, Any]) -> RunningGate:
+        index = len(gates)
+        data_dir = tmp_path / f"gate{index}"
+        port = free_port()
+        config = {
+            "node": {"port": port, "ae_title": "QCGATE", **sections.get("node", {})},
+            "storage": {"data_dir": str(data_dir), "min_free_mb": 1, **sections.get("storage", {})},
+            "database": {"url": db_url},
+            "assembly": {"stable_seconds": 1.0, "poll_interval_seconds": 0.2, "incomplete_timeout_seconds": 30, **sections.get("assembly", {})},
+            "logging": {"level": "INFO"},
+        }
+        config_path = tmp_path / f"gate{index}.toml"
+        write_config(config_path, config)
+        gate = RunningGate(data_dir=data_dir, config_path=config_path, port=port, log_path=tmp_path / f"gate{index}.log")
+        gates.append(gate)
+        if start:
+            gate.start()
+        return gate
+
+    yield _make
+    for gate in gates:
+        gate.stop()
+
+
+@pytest.fixture
+def gate(make_gate: Any) -> RunningGate:
+    """A running gate with the default test settings."""
+    return make_gate()

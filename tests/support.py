@@ -1,0 +1,145 @@
+"""Shared test helpers: data locations, DICOM builders, and real DCMTK / pynetdicom clients.
+
+Test data is named here once (pydicom habit) instead of being scattered through the tests.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+SHARED_DICOM = SHARED / "data" / "dicom"
+DCMQI_LIVER = SHARED_DICOM / "dcmqi-liver-ct-seg"
+HIGHDICOM_FILES = SHARED_DICOM / "highdicom-testfiles"
+GANTRY_TILT_CT = SHARED_DICOM / "ge-head-ct-gantry-tilt"
+PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Without TCP_NODELAY, Nagle's algorithm makes DCMTK tools 30x slower on loopback.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(port: int, files: Sequence[Path], *, calling: str = "STORESCU", called: str = "QCGATE",
+             verbose: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu, proposing exactly the contexts they need (-R)."""
+    command = ["storescu", "-R", "-aet", calling, "-aec", called]
+    if verbose:
+        command.append("-v")
+    command += ["127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
+
+
+def echoscu(port: int, *, calling: str = "ECHOSCU", called: str = "QCGATE") -> subprocess.CompletedProcess[str]:
+    command = ["echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=dcmtk_env())
+
+
+def send_raw_c_store(port: int, payload: bytes, *, sop_class: str = CT_IMAGE_STORAGE,
+                     sop_instance: str = "1.2.3.4.5.6.7", transfer_syntax: str = EXPLICIT_VR_LE) -> int | None:
+    """Send ``payload`` as the data set of one C-STORE, byte for byte, with pynetdicom.
+
+    Malformed files cannot go through storescu (it refuses to read them), so this builds the
+    C-STORE request directly. Returns the DIMSE status, or None if no response came back.
+    """
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(sop_class, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCGATE")
+    if not assoc.is_established:
+        raise AssertionError("association for the raw C-STORE was not accepted")
+    try:
+        context = assoc._get_valid_context(sop_class, transfer_syntax, "scu")
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = sop_class
+        request.AffectedSOPInstanceUID = sop_instance
+        request.Priority = 2
+        request.DataSet = io.BytesIO(payload)
+        assoc.dimse.send_msg(request, context.context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+        return int(response.Status) if response is not None and response.Status is not None else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def dataset_bytes_without_meta(path: Path) -> bytes:
+    """The data set part of a file: everything after preamble and File Meta, or the whole file."""
+    raw = path.read_bytes()
+    if raw[128:132] != b"DICM":
+        return raw
+    # File Meta is explicit VR LE; its group length element gives its end.
+    group_length = int.from_bytes(raw[140:144], "little")
+    return raw[144 + group_length:]
+
+
+def synthetic_ct_volume(n_slices: int, size: int, seed: int = 0) -> np.ndarray:
+    """A SYNTHETIC chest-like HU volume: body ellipse, two lungs, a round lesion, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    body = ((yy - 0.5) / 0.42) ** 2 + ((xx - 0.5) / 0.48) ** 2 < 1
+    lungs = (((yy - 0.5) / 0.3) ** 2 + ((xx - 0.3) / 0.14) ** 2 < 1) | (((yy - 0.5) / 0.3) ** 2 + ((xx - 0.7) / 0.14) ** 2 < 1)
+    plane = np.where(body, 40.0, -1000.0)
+    plane[lungs] = -850.0
+    volume = np.repeat(plane[np.newaxis], n_slices, axis=0)
+    for k in range(n_slices):
+        radius = 0.05 * (1 - abs(k - n_slices / 2) / (n_slices / 2 + 1))
+        lesion = ((yy - 0.45) ** 2 + (xx - 0.3) ** 2) < radius**2
+        volume[k][lesion] = -300.0
+    return volume + rng.normal(0, 15, volume.shape)
+
+
+def write_synthetic_case(out_dir: Path, *, n_slices: int = 12, size: int = 128, seed: int = 0,
+                         patient_id: str = "SYNTH001") -> tuple[list[Path], Path]:
+    """Write a SYNTHETIC CT series and one BINARY SEG of its lesion; returns (CT files, SEG file)."""
+    from qcgate.phantom.dicom_export import write_ct_series, write_seg
+
+    volume = synthetic_ct_volume(n_slices, size, seed)
+    ct_dir = out_dir / "ct"
+    datasets = write_ct_series(volume, (0.7, 0.7), 2.5, ct_dir, patient_id=patient_id)
+    masks = (volume > -500) & (volume < -100)
+    seg_path = out_dir / "seg.dcm"
+    write_seg(datasets, masks, seg_path, algorithm_name="TestAI", manufacturer="qcgate tests")
+    return sorted(ct_dir.glob("*.dcm")), seg_path
+
+
+def write_seg_for_real_ct(ct_files: Sequence[Path], out_path: Path, threshold_hu: float = 300.0) -> Path:
+    """A SEG (made by the test, over real CT) of the pixels above ``threshold_hu``."""
+    from qcgate.phantom.dicom_export import write_seg
+
+    datasets = [pydicom.dcmread(path) for path in ct_files]
+    for ds in datasets:  # anonymised real CT lacks type 2 patient attributes highdicom copies
+        for keyword in ("PatientBirthDate", "PatientSex", "PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDate", "StudyTime"):
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    masks = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) > threshold_hu for ds in datasets])
+    write_seg(datasets, masks, out_path, algorithm_name="ThresholdTest", manufacturer="qcgate tests",
+              series_description="test SEG over real CT", synthetic=False)
+    return out_path
+
+
+def read_dataset(path: Path) -> Dataset:
+    return pydicom.dcmread(path)
