@@ -7,6 +7,10 @@ Steps (scipy.ndimage only):
    (two lungs, or one when they touch or only one is in the slice); components under ``min_area_px`` are noise;
 4. binary closing (disc radius ``closing_radius_px``) then hole filling, so vessels and nodules inside
    the lung belong to it.
+
+For cost the steps run on the slice subsampled by ``downsample`` (2: a 512² slice becomes 256², four
+times cheaper); the result is upsampled by pixel repetition, so its outline is accurate to
+``downsample`` pixels — ample for a lung's bounding box and a healthy-lung crop.
 """
 
 from __future__ import annotations
@@ -29,19 +33,24 @@ def lung_mask_from_hu(
     second_fraction: float = 0.1,
     min_area_px: int = 50,
     closing_radius_px: int = 3,
+    downsample: int = 2,
 ) -> np.ndarray:
     """Boolean lung mask of a 2-D HU slice (all False when no lung-like air is found).
 
     M = fill(close(⋃_{k ∈ kept} C_k)), with C_k the 8-connected components of {HU < threshold} that do
     not touch the border, kept = the largest and (if |C_2| ≥ second_fraction·|C_1|) the second largest.
     """
-    image = np.asarray(image_hu)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    full = np.asarray(image_hu)
+    if full.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {full.shape}")
+    step = max(int(downsample), 1)
+    image = full[::step, ::step]
+    min_area_px = max(int(round(min_area_px / step**2)), 1)
+    closing_radius_px = max(int(round(closing_radius_px / step)), 1)
     air = image < threshold
     labels, count = ndimage.label(air, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return np.zeros(image.shape, dtype=bool)
+        return np.zeros(full.shape, dtype=bool)
     border_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
@@ -53,9 +62,13 @@ def lung_mask_from_hu(
         if count > 1 and sizes[order[1]] >= max(min_area_px, second_fraction * sizes[order[0]]):
             kept.append(int(order[1]))
     if not kept:
-        return np.zeros(image.shape, dtype=bool)
+        return np.zeros(full.shape, dtype=bool)
     lungs = np.isin(labels, kept)
     # Pad before closing so a lung touching the frame is not eroded by the border.
     pad = closing_radius_px + 1
     closed = ndimage.binary_closing(np.pad(lungs, pad), structure=_disc(closing_radius_px))[pad:-pad, pad:-pad]
-    return ndimage.binary_fill_holes(closed)
+    filled = ndimage.binary_fill_holes(closed)
+    if step == 1:
+        return filled
+    upsampled = np.repeat(np.repeat(filled, step, axis=0), step, axis=1)
+    return np.ascontiguousarray(upsampled[: full.shape[0], : full.shape[1]])

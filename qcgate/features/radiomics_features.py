@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import lru_cache
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ FEATURE_CLASSES: Mapping[str, type] = {
 TEXTURE_CLASSES: tuple[str, ...] = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
 
 
+@lru_cache(maxsize=None)
 def class_feature_names(class_name: str) -> tuple[str, ...]:
     """The non-deprecated features of a pyradiomics class, sorted (a stable order for our vectors)."""
     names = FEATURE_CLASSES[class_name].getFeatureNames()
@@ -68,6 +70,11 @@ def class_feature_names(class_name: str) -> tuple[str, ...]:
 
 def radiomics_descriptor_names(classes: Sequence[str]) -> tuple[str, ...]:
     """Our descriptor names ``f"{class}_{feature}"`` for ``classes``, in class then feature order."""
+    return _descriptor_names(tuple(classes))
+
+
+@lru_cache(maxsize=None)
+def _descriptor_names(classes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{cls}_{name}" for cls in classes for name in class_feature_names(cls))
 
 

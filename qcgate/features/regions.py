@@ -16,6 +16,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from qcgate.features.intensity import bounding_box
+
 RING_WIDTH_PX = 2
 HEALTHY_MARGIN_PX = 5
 HEALTHY_WINDOW_PX = 64
@@ -31,15 +33,38 @@ def lesion_region(lesion_mask: np.ndarray) -> np.ndarray:
     return np.asarray(lesion_mask, dtype=bool)
 
 
+def dilate_in_place(mask: np.ndarray, iterations: int, box: tuple[slice, slice] | None = None) -> np.ndarray:
+    """M ⊕ B^k (B the 3×3 square, k = ``iterations``), computed only on the mask's bounding box grown
+    by k (cost: a lesion is tiny next to a 512² frame). Same shape as ``mask``; identical result to a
+    full-frame ``ndimage.binary_dilation``."""
+    mask = np.asarray(mask, dtype=bool)
+    box = box if box is not None else bounding_box(mask, pad=iterations)
+    out = np.zeros_like(mask)
+    if box is None or iterations <= 0:
+        out |= mask
+        return out
+    out[box] = ndimage.binary_dilation(mask[box], structure=_SQUARE, iterations=iterations)
+    return out
+
+
 def border_rings(lesion_mask: np.ndarray, width_px: int = RING_WIDTH_PX) -> tuple[np.ndarray, np.ndarray]:
     """(inner, outer) rings: inner = L ∖ (L ⊖ B^w), outer = (L ⊕ B^w) ∖ L, B = 3×3 square.
 
-    A lesion thinner than 2w is all inner ring (its erosion is empty).
+    Pixels beyond the frame count as background for the erosion. A lesion thinner than 2w is all inner
+    ring (its erosion is empty).
     """
     lesion = np.asarray(lesion_mask, dtype=bool)
-    eroded = ndimage.binary_erosion(lesion, structure=_SQUARE, iterations=width_px, border_value=0)
-    dilated = ndimage.binary_dilation(lesion, structure=_SQUARE, iterations=width_px)
-    return lesion & ~eroded, dilated & ~lesion
+    box = bounding_box(lesion, pad=width_px + 1)
+    inner = np.zeros_like(lesion)
+    outer = np.zeros_like(lesion)
+    if box is None:
+        return inner, outer
+    local = lesion[box]
+    eroded = ndimage.binary_erosion(local, structure=_SQUARE, iterations=width_px, border_value=0)
+    dilated = ndimage.binary_dilation(local, structure=_SQUARE, iterations=width_px)
+    inner[box] = local & ~eroded
+    outer[box] = dilated & ~local
+    return inner, outer
 
 
 def _window(center: tuple[int, int], shape: tuple[int, ...], size: int) -> tuple[slice, slice]:
@@ -66,22 +91,24 @@ def healthy_lung_region(
     lung = np.asarray(lung_mask, dtype=bool)
     if lesion.shape != lung.shape:
         raise ValueError(f"lesion {lesion.shape} and lung {lung.shape} masks differ in shape")
-    dilated = ndimage.binary_dilation(lesion, structure=_SQUARE, iterations=margin_px) if lesion.any() else lesion
-    healthy = lung & ~dilated
+    dilated = dilate_in_place(lesion, margin_px)
     if lesion.any():
         rows, cols = np.nonzero(lesion)
         center = (int(round(rows.mean())), int(round(cols.mean())))
     else:
         center = (lesion.shape[0] // 2, lesion.shape[1] // 2)
-    region = np.zeros_like(healthy)
-    window = _window(center, healthy.shape, window_px)
-    region[window] = healthy[window]
-    if np.count_nonzero(region) >= min_pixels or not healthy.any():
+    region = np.zeros_like(lesion)
+    window = _window(center, lesion.shape, window_px)
+    region[window] = lung[window] & ~dilated[window]
+    if np.count_nonzero(region) >= min_pixels:
+        return region
+    healthy = lung & ~dilated
+    if not healthy.any():
         return region
     rows, cols = np.nonzero(healthy)
     nearest = int(np.argmin((rows - center[0]) ** 2 + (cols - center[1]) ** 2))
     region[:] = False
-    window = _window((int(rows[nearest]), int(cols[nearest])), healthy.shape, window_px)
+    window = _window((int(rows[nearest]), int(cols[nearest])), lesion.shape, window_px)
     region[window] = healthy[window]
     return region
 

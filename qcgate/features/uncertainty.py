@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
+from qcgate.features.regions import dilate_in_place
 from qcgate.features.vector import FeatureVector, build_vector
 
 UM_DILATION_PX = 5
@@ -48,7 +48,7 @@ def uncertainty_region(ai_mask: np.ndarray, dilation_px: int = UM_DILATION_PX) -
     mask = np.asarray(ai_mask, dtype=bool)
     if not mask.any():
         return np.ones_like(mask)
-    return ndimage.binary_dilation(mask, structure=np.ones((3, 3), dtype=bool), iterations=dilation_px)
+    return dilate_in_place(mask, dilation_px)
 
 
 def histogram_entropy_bits(values: np.ndarray, bins: int = UM_ENTROPY_BINS, value_range: tuple[float, float] = UM_ENTROPY_RANGE) -> float:
