@@ -9,6 +9,7 @@ import io
 import os
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,6 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -62,38 +62,55 @@ def send_raw_c_store(port: int, payload: bytes, *, sop_class: str = CT_IMAGE_STO
                      sop_instance: str = "1.2.3.4.5.6.7", transfer_syntax: str = EXPLICIT_VR_LE) -> int | None:
     """Send ``payload`` as the data set of one C-STORE, byte for byte, with pynetdicom.
 
-    Malformed files cannot go through storescu (it refuses to read them), so this builds the
-    C-STORE request directly. Returns the DIMSE status, or None if no response came back.
+    Malformed files cannot go through storescu (it refuses to read them). pynetdicom's chunked
+    send streams whatever follows a file's meta header without decoding it, so the payload is
+    wrapped in a valid meta header and sent that way. Returns the DIMSE status, or None if no
+    response came back.
     """
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(sop_class, transfer_syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="QCGATE")
-    if not assoc.is_established:
-        raise AssertionError("association for the raw C-STORE was not accepted")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import _config
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    buffer = io.BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    with tempfile.NamedTemporaryFile(suffix=".dcm", delete=False) as handle:
+        handle.write(buffer.getvalue() + payload)
+        path = Path(handle.name)
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        context = assoc._get_valid_context(sop_class, transfer_syntax, "scu")
-        request = C_STORE()
-        request.MessageID = 1
-        request.AffectedSOPClassUID = sop_class
-        request.AffectedSOPInstanceUID = sop_instance
-        request.Priority = 2
-        request.DataSet = io.BytesIO(payload)
-        assoc.dimse.send_msg(request, context.context_id)
-        _, response = assoc.dimse.get_msg(block=True)
-        return int(response.Status) if response is not None and response.Status is not None else None
+        ae = AE(ae_title="FUZZER")
+        ae.add_requested_context(sop_class, transfer_syntax)
+        assoc = ae.associate("127.0.0.1", port, ae_title="QCGATE")
+        if not assoc.is_established:
+            raise AssertionError("association for the raw C-STORE was not accepted")
+        try:
+            status = assoc.send_c_store(path)
+            return int(status.Status) if status is not None and "Status" in status else None
+        finally:
+            if assoc.is_established:
+                assoc.release()
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        path.unlink(missing_ok=True)
 
 
 def dataset_bytes_without_meta(path: Path) -> bytes:
     """The data set part of a file: everything after preamble and File Meta, or the whole file."""
+    from pydicom.filereader import _read_file_meta_info
+
     raw = path.read_bytes()
     if raw[128:132] != b"DICM":
         return raw
-    # File Meta is explicit VR LE; its group length element gives its end.
-    group_length = int.from_bytes(raw[140:144], "little")
-    return raw[144 + group_length:]
+    stream = io.BytesIO(raw)
+    stream.seek(132)
+    _read_file_meta_info(stream)
+    return raw[stream.tell():]
 
 
 def synthetic_ct_volume(n_slices: int, size: int, seed: int = 0) -> np.ndarray:
