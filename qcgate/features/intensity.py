@@ -78,9 +78,10 @@ def fourier_snr_db(array: np.ndarray, cutoff: float = FOURIER_SNR_CUTOFF) -> flo
     """Low-to-high-frequency power ratio of a 2-D array, in dB.
 
     With P(f) = |FFT(a − mean(a))|² and radial frequency |f| in cycles/pixel,
-    SNR = 10·log10( Σ_{0<|f|≤f_c} P(f) / Σ_{|f|>f_c} P(f) ),  f_c = ``cutoff`` (0.25).
+    SNR = 10·log10( (Σ_{0<|f|≤f_c} P(f) + ε) / (Σ_{|f|>f_c} P(f) + ε) ),  f_c = ``cutoff`` (0.25),
+    ε = 1e-10·Σ_f P(f) (so a noiseless signal scores a finite +100 dB, not infinity).
     Smooth content (signal) lives below f_c, pixel noise spreads up to Nyquist (0.5); white noise gives
-    ≈ 10·log10(π/16 / (1 − π/16)) ≈ −6.1 dB. Returns nan when either band has no power (constant input).
+    ≈ 10·log10(π/16 / (1 − π/16)) ≈ −6.1 dB. Returns nan for a constant input (no power at all).
     """
     data = np.asarray(array, dtype=np.float64)
     if data.ndim != 2 or data.size < 4:
@@ -92,10 +93,11 @@ def fourier_snr_db(array: np.ndarray, cutoff: float = FOURIER_SNR_CUTOFF) -> flo
     low = float(power[(radial > 0) & (radial <= cutoff)].sum())
     high = float(power[radial > cutoff].sum())
     scale = float(power.sum())
-    # Relative floor: FFT round-off of a constant array is ~1e-30, not power.
-    if scale <= 0.0 or low <= 1e-12 * scale or high <= 1e-12 * scale:
+    # A constant array leaves only FFT round-off (relative to its own magnitude): no power at all.
+    if scale <= 1e-20 * max(float(np.sum(data * data)), 1e-300) or scale <= 0.0:
         return math.nan
-    return 10.0 * math.log10(low / high)
+    floor = 1e-10 * scale
+    return 10.0 * math.log10((low + floor) / (high + floor))
 
 
 def intensity_descriptors(image: np.ndarray, region: np.ndarray) -> dict[str, float]:

@@ -67,16 +67,18 @@ def dominant_scale(energies: np.ndarray) -> float:
 
 
 def scale_ratio(energies: np.ndarray, fine_levels: int = FINE_LEVELS) -> float:
-    """Fine-to-coarse energy balance in decades: log10( Σ_{j≤4} E_j / Σ_{j>4} E_j ); nan if a side is 0.
+    """Fine-to-coarse energy balance in decades: log10( (Σ_{j≤4} E_j + ε) / (Σ_{j>4} E_j + ε) ),
+    ε = 1e-10·Σ_j E_j; nan if Σ_j E_j = 0.
 
-    The logarithm keeps the descriptor finite and symmetric (fine-dominated > 0, coarse-dominated < 0).
+    The logarithm and ε keep the descriptor finite (within ±10) and symmetric (fine-dominated > 0).
     """
     fine = float(energies[:fine_levels].sum())
     coarse = float(energies[fine_levels:].sum())
     total = fine + coarse
-    if total <= 0 or fine <= 1e-12 * total or coarse <= 1e-12 * total:
+    if total <= 0:
         return math.nan
-    return math.log10(fine / coarse)
+    floor = 1e-10 * total
+    return math.log10((fine + floor) / (coarse + floor))
 
 
 def energy_variance(energies: np.ndarray) -> float:
