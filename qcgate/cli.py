@@ -20,6 +20,7 @@ from qcgate.errors import QcgateError
 COMMAND_MODULES: tuple[str, ...] = (
     "qcgate.node.commands",
     "qcgate.store.commands",
+    "qcgate.science.commands",
 )
 
 
