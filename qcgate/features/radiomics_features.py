@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from functools import lru_cache
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -97,11 +98,14 @@ def run_feature_classes(
     which is how the upstream baselines are reproduced.
     """
     values: dict[str, float] = {}
-    for class_name in classes:
-        feature_class = FEATURE_CLASSES[class_name](image, mask, **dict(settings))
-        feature_class.enableAllFeatures()
-        for name, value in feature_class.execute().items():
-            values[f"{class_name}_{name}"] = float(np.asarray(value).reshape(-1)[0])
+    # Degenerate ROIs make pyradiomics average empty slices; the nan it returns is handled by the caller.
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for class_name in classes:
+            feature_class = FEATURE_CLASSES[class_name](image, mask, **dict(settings))
+            feature_class.enableAllFeatures()
+            for name, value in feature_class.execute().items():
+                values[f"{class_name}_{name}"] = float(np.asarray(value).reshape(-1)[0])
     return values
 
 
