@@ -110,7 +110,7 @@ def sphericity(area: float, perimeter: float) -> float:
 
 
 def count_components(mask: np.ndarray) -> int:
-    """Number of 8-connected foreground components: #{labels of ndimage.label(M, 8-conn)}."""
+    """Number of 8-connected foreground components: n_components = #{labels of ndimage.label(M, 8-conn)}."""
     _labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_FOREGROUND_STRUCTURE)
     return int(count)
 
@@ -125,8 +125,9 @@ def count_holes(mask: np.ndarray) -> int:
 
 
 def mask_fourier_snr(mask: np.ndarray) -> float:
-    """Fourier SNR (dB) of the mask's bounding-box crop padded by 4 px (formula in
-    :func:`qcgate.features.intensity.fourier_snr_db`): smooth blobs score high, jagged outlines low."""
+    """Fourier SNR (dB) of the mask's bounding-box crop padded by 4 px:
+    SNR = 10·log10(Σ_{0<|f|≤0.25} P(f) / Σ_{|f|>0.25} P(f)) (see :func:`qcgate.features.intensity.fourier_snr_db`);
+    smooth blobs score high, jagged outlines low."""
     box = bounding_box(mask, pad=4)
     if box is None:
         return math.nan
@@ -172,7 +173,8 @@ def geometry_features(
     pixel_spacing: tuple[float, float],
     orthodoxy: float | None = None,
 ) -> FeatureVector:
-    """The ``geometry`` :class:`FeatureVector`; ``orthodoxy`` None -> 0.5 + flag."""
+    """The ``geometry`` :class:`FeatureVector` of :func:`geometry_descriptors` plus
+    positional_orthodoxy = ``orthodoxy`` (None -> 0.5 + flag; see :meth:`PositionFrequencyMap.orthodoxy`)."""
     values = geometry_descriptors(mask, pixel_spacing)
     values["positional_orthodoxy"] = math.nan if orthodoxy is None else float(orthodoxy)
     return build_vector("geometry", GEOMETRY_DESCRIPTORS, values, fallbacks=GEOMETRY_FALLBACKS)

@@ -101,7 +101,8 @@ def fourier_snr_db(array: np.ndarray, cutoff: float = FOURIER_SNR_CUTOFF) -> flo
 
 
 def intensity_descriptors(image: np.ndarray, region: np.ndarray) -> dict[str, float]:
-    """energy_of_gradient, variance_of_laplacian and fourier_snr of ``image`` over ``region`` (nan if undefined).
+    """energy_of_gradient, variance_of_laplacian and fourier_snr of ``image`` over ``region`` (nan if undefined):
+    EoG = mean_R |∇I|², VoL = Var_R(∇²I), SNR = 10·log10(P_low / P_high).
 
     The Fourier SNR is taken on the mean-filled crop (:func:`mean_filled`) so only the region's texture counts.
     """

@@ -56,7 +56,7 @@ def normalised_cells(
     frame_shape: tuple[int, int] | None = None,
     offset: tuple[int, int] = (0, 0),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grid cell indices (rows, cols) of every lesion pixel, in the normalised reference box."""
+    """Grid cell indices of every lesion pixel: (⌊u·G⌋, ⌊v·G⌋), u = (r − r0 + ½)/(r1 − r0), v likewise."""
     lesion = np.asarray(lesion_mask, dtype=bool)
     if lesion.ndim != 2:
         raise ValueError(f"lesion mask must be 2-D, got {lesion.shape}")

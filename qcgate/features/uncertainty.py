@@ -88,5 +88,6 @@ def uncertainty_metrics(uncertainty_map: np.ndarray, ai_mask: np.ndarray) -> dic
 
 
 def uncertainty_features(uncertainty_map: np.ndarray, ai_mask: np.ndarray) -> FeatureVector:
-    """The ``uncertainty`` :class:`FeatureVector` (fallback 0 + flag where a metric is undefined)."""
+    """The ``uncertainty`` :class:`FeatureVector` of :func:`uncertainty_metrics` over R = AI ⊕ B^5
+    (fallback 0 + flag where a metric is undefined)."""
     return build_vector("uncertainty", UNCERTAINTY_DESCRIPTORS, uncertainty_metrics(uncertainty_map, ai_mask))
