@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -79,15 +78,17 @@ class RunningGate:
             [sys.executable, "-m", "qcgate.cli", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT,
         )
+        # Wait for the node's own "listening" line: a probe connection would occupy an
+        # association slot until the ACSE timeout.
+        marker = f"listening on 127.0.0.1:{self.port}"
+        already = self.log_text().count(marker)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"qcgate serve exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
+            if self.log_text().count(marker) > already:
+                return
+            time.sleep(0.1)
         raise AssertionError(f"qcgate serve did not listen within {timeout}s:\n{self.log_text()}")
 
     def stop(self) -> None:

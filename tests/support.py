@@ -43,10 +43,24 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+# storescu proposes a compressed transfer syntax only when told to.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx", "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.2": "-xb",
+}
+
+
 def storescu(port: int, files: Sequence[Path], *, calling: str = "STORESCU", called: str = "QCGATE",
-             verbose: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Send files with DCMTK storescu, proposing exactly the contexts they need (-R)."""
+             verbose: bool = False, timeout: float = 300, propose: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu, proposing exactly the contexts they need (-R).
+
+    ``propose`` is a transfer syntax UID to propose (storescu's -x options), for compressed files.
+    """
     command = ["storescu", "-R", "-aet", calling, "-aec", called]
+    if propose:
+        command.append(STORESCU_PROPOSE[propose])
     if verbose:
         command.append("-v")
     command += ["127.0.0.1", str(port), *map(str, files)]

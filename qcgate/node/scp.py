@@ -176,13 +176,15 @@ class GateNode:
         if refusal is None:
             return
         reason, diagnostic = refusal
-        # Permanent rejection by the service user: a misconfigured peer will not fix itself.
-        assoc.acse.send_reject(0x01, 0x01, diagnostic)
         LOG.warning("association from %s@%s:%d rejected: %s", calling, host, port, reason)
         self._write_association(AssociationRecord(
             calling_ae=calling[:16], called_ae=called[:16], peer_host=host[:64], peer_port=port,
             ended_at=utcnow(), outcome="rejected", reason=reason,
         ))
+        # Permanent rejection by the service user: a misconfigured peer will not fix itself.
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        # As pynetdicom does for its own rejections: let the DUL flush the A-ASSOCIATE-RJ first.
+        assoc.kill()
 
     def on_rejected(self, event: evt.Event) -> None:
         # Rejections made by pynetdicom itself (e.g. the association limit); ours are logged above.
