@@ -34,6 +34,9 @@ class GateService:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        leftovers = self.spool.purge_incoming()
+        if leftovers:
+            LOG.info("removed %d partial receive(s) left by an earlier stop; none was acknowledged", leftovers)
         self.assembler.start()
         self.node.start()
 

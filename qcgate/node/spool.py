@@ -128,6 +128,15 @@ class Spool:
             fsync_directory(target_dir)
         return target
 
+    def purge_incoming(self) -> int:
+        """Delete partial receives left by a crash; none of them was acknowledged. Returns the count."""
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def free_mb(self) -> float:
         usage = shutil.disk_usage(self.root)
         return usage.free / 1_048_576
