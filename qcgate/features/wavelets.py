@@ -1,13 +1,17 @@
 """8-level 2-D wavelet analysis: dominant scale, scale ratio, energy variance, fractality.
 
-The input (an image region or a binary mask) is placed, centred, in a 256×256 frame (2⁸, so 8 levels
-of the periodised DWT halve exactly down to 1×1) and decomposed with ``pywt.wavedec2(..., level=8,
-mode="periodization")`` — db2 for image crops, db1 (Haar) for masks, as in the paper's Table 1.
-Level j = 1 is the finest (periods ≈ 2–4 px), j = 8 the coarsest. A sinusoid of period T pixels puts
-its energy at the level j with 2^j ≤ T ≤ 2^(j+1).
+The input (an image region or a binary mask, on its bounding-box crop) is treated as embedded in an
+infinite zero plane and decomposed with ``pywt.wavedec2(..., level=8, mode="zero")`` — db2 for image
+crops, db1 (Haar) for masks, as in the paper's Table 1. Zero extension keeps every non-zero coefficient,
+so the transform stays orthonormal (Parseval: Σ_j E_j + ‖a_8‖² = ‖x‖²) and costs only the crop's size,
+not a fixed 256² frame. Crops larger than ``MAX_CROP`` px are centre-cropped (cost bound).
+Level j = 1 is the finest (periods ≈ 2–4 px), j = 8 the coarsest; a sinusoid of period T pixels puts most
+of its energy at the level j with 2^j ≤ T ≤ 2^(j+1).
 
 Detail energy of level j (sum over the horizontal, vertical and diagonal sub-bands):
-    E_j = Σ_{b∈{H,V,D}} Σ_k d_{j,b,k}²,    p_j = E_j / Σ_i E_i.
+    E_j = Σ_{b∈{H,V,D}} Σ_k d_{j,b,k}²,    p_j = E_j / Σ_i E_i,
+and the level's share of an N-pixel support, n_j = 3·N / 4^j (white noise puts exactly this fraction
+of its energy, times σ², at level j).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import pywt
 
 WAVELET_LEVELS = 8
-FRAME_SIZE = 2**WAVELET_LEVELS  # 256
+MAX_CROP = 256
 #: Levels 1..4 are "fine", 5..8 "coarse" for the scale ratio.
 FINE_LEVELS = 4
 WAVELET_DESCRIPTORS: tuple[str, ...] = (
@@ -30,32 +34,28 @@ WAVELET_DESCRIPTORS: tuple[str, ...] = (
 )
 
 
-def place_in_frame(array: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
-    """Centre ``array`` in a zero ``size``×``size`` frame; a larger array is centre-cropped to ``size``."""
+def bounded_crop(array: np.ndarray, max_size: int = MAX_CROP) -> np.ndarray:
+    """``array`` as float64, centre-cropped to at most S = ``max_size`` pixels per side:
+    x[r0 : r0 + S, c0 : c0 + S], r0 = max(⌊(H − S)/2⌋, 0), c0 = max(⌊(W − S)/2⌋, 0)."""
     data = np.asarray(array, dtype=np.float64)
-    frame = np.zeros((size, size), dtype=np.float64)
-    src_r0 = max((data.shape[0] - size) // 2, 0)
-    src_c0 = max((data.shape[1] - size) // 2, 0)
-    src = data[src_r0 : src_r0 + size, src_c0 : src_c0 + size]
-    dst_r0 = (size - src.shape[0]) // 2
-    dst_c0 = (size - src.shape[1]) // 2
-    frame[dst_r0 : dst_r0 + src.shape[0], dst_c0 : dst_c0 + src.shape[1]] = src
-    return frame
+    r0 = max((data.shape[0] - max_size) // 2, 0)
+    c0 = max((data.shape[1] - max_size) // 2, 0)
+    return data[r0 : r0 + max_size, c0 : c0 + max_size]
 
 
 def level_energies(array: np.ndarray, wavelet: str = "db2", levels: int = WAVELET_LEVELS) -> tuple[np.ndarray, np.ndarray]:
-    """Detail energies E_j and coefficient counts n_j for j = 1 (finest) .. ``levels`` (coarsest).
+    """Detail energies E_j and support shares n_j = 3·N/4^j for j = 1 (finest) .. ``levels`` (coarsest).
 
-    E_j = Σ_{b∈{H,V,D}} Σ_k d_{j,b,k}²  on the periodised DWT of the framed array (:func:`place_in_frame`).
+    E_j = Σ_{b∈{H,V,D}} Σ_k d_{j,b,k}²  on the zero-extended DWT of the (bounded) crop.
     """
-    frame = place_in_frame(array, 2**levels)
+    data = bounded_crop(array)
     with warnings.catch_warnings():
-        # db2 at 8 levels on 256 px warns about boundary effects; periodisation makes them well defined.
+        # 8 levels exceed pywt's "useful" depth for small crops; with zero extension they are still exact.
         warnings.simplefilter("ignore")
-        coefficients = pywt.wavedec2(frame, wavelet, mode="periodization", level=levels)
+        coefficients = pywt.wavedec2(data, wavelet, mode="zero", level=levels)
     details = coefficients[1:][::-1]  # wavedec2 lists coarsest first; reorder to j = 1 .. levels
     energies = np.array([sum(float(np.sum(band * band)) for band in level) for level in details])
-    counts = np.array([sum(band.size for band in level) for level in details], dtype=np.float64)
+    counts = 3.0 * data.size / 4.0 ** np.arange(1, levels + 1)
     return energies, counts
 
 
@@ -95,7 +95,7 @@ def energy_variance(energies: np.ndarray) -> float:
 def fractality(energies: np.ndarray, counts: np.ndarray) -> float:
     """Wavelet spectral exponent β: least-squares slope of log2(E_j / n_j) against level j.
 
-    For orthonormal wavelets white noise has the same mean squared coefficient at every level (β ≈ 0);
+    White noise puts σ²·n_j of its energy at level j, so β ≈ 0;
     a fractional-Brownian surface of Hurst exponent H gives β = 2H + 2 (fractal dimension D = 3 − H);
     smooth, large structures give large β. Levels with zero energy are left out; nan if fewer than 3 remain.
     """
