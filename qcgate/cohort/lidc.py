@@ -87,9 +87,6 @@ def load_lidc(
     if patients is not None:
         wanted = set(patients)
         records = [r for r in records if r["patient_id"] in wanted]
-    if max_patients is not None:
-        kept = set(sorted({r["patient_id"] for r in records})[:max_patients])
-        records = [r for r in records if r["patient_id"] in kept]
 
     skipped: list[str] = []
     cases: list[Case] = []
@@ -99,18 +96,24 @@ def load_lidc(
         raise InputError(f"{masks_path}: not a readable .npz archive ({exc})") from exc
     with archive:
         available = set(archive.files)
+        usable = []
         for record in records:
             key = str(record["key"])
             n_annotators = int(record["n_annotators"])
             if n_annotators > MAX_ANNOTATORS:
                 skipped.append(f"{key}: {n_annotators} annotators (> {MAX_ANNOTATORS}, a clustering error)")
-                continue
-            if n_annotators < 2:
+            elif n_annotators < 2:
                 skipped.append(f"{key}: a single annotator, no agreement to measure")
-                continue
-            if key not in available:
+            elif key not in available:
                 skipped.append(f"{key}: listed in {META_FILE} but missing from {MASKS_FILE}")
-                continue
+            else:
+                usable.append(record)
+        if max_patients is not None:  # among patients with a usable cluster
+            kept = set(sorted({r["patient_id"] for r in usable})[:max_patients])
+            usable = [r for r in usable if r["patient_id"] in kept]
+        for record in usable:
+            key = str(record["key"])
+            n_annotators = int(record["n_annotators"])
             shape = tuple(int(v) for v in record["shape"])
             if len(shape) != 4 or shape[0] != n_annotators:
                 raise InputError(

@@ -138,6 +138,9 @@ _WORKER_POSITION_MAP = None
 def _init_worker(position_map_json: str | None) -> None:
     global _WORKER_POSITION_MAP
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # pyradiomics logs a traceback for each undefined descriptor (e.g. GLCM MCC on a flat crop); the
+    # feature library already replaces those by flagged fallbacks, so keep the console readable.
+    logging.getLogger("radiomics").setLevel(logging.CRITICAL)
     if position_map_json is None:
         _WORKER_POSITION_MAP = None
     else:
