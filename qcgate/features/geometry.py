@@ -143,6 +143,10 @@ def geometry_descriptors(mask: np.ndarray, pixel_spacing: tuple[float, float]) -
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"lesion mask must be 2-D, got shape {mask.shape}")
+    # Every descriptor here is translation-invariant: work on the bounding box + 4 px, not the 512² frame.
+    box = bounding_box(mask, pad=4)
+    if box is not None:
+        mask = mask[box]
     area = area_mm2(mask, pixel_spacing)
     perimeter, diameter = perimeter_and_max_diameter_mm(mask, pixel_spacing)
     major, minor = principal_axes_mm(mask, pixel_spacing)

@@ -63,12 +63,33 @@ def lung_mask_from_hu(
             kept.append(int(order[1]))
     if not kept:
         return np.zeros(full.shape, dtype=bool)
-    lungs = np.isin(labels, kept)
-    # Pad before closing so a lung touching the frame is not eroded by the border.
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[kept] = True
+    lungs = keep[labels]  # lookup table: cheaper than np.isin on a full slice
+    # Closing and filling only need the lungs' bounding box (+ room for the closing), not the frame.
     pad = closing_radius_px + 1
-    closed = ndimage.binary_closing(np.pad(lungs, pad), structure=_disc(closing_radius_px))[pad:-pad, pad:-pad]
-    filled = ndimage.binary_fill_holes(closed)
+    rows = np.flatnonzero(lungs.any(axis=1))
+    cols = np.flatnonzero(lungs.any(axis=0))
+    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    local = np.pad(lungs[box], pad)  # padding keeps a lung touching the frame from being eroded by it
+    closed = ndimage.binary_closing(local, structure=_disc(closing_radius_px))
+    filled = _fill_holes(closed)[pad:-pad, pad:-pad]
+    result = np.zeros(image.shape, dtype=bool)
+    result[box] = filled
     if step == 1:
-        return filled
-    upsampled = np.repeat(np.repeat(filled, step, axis=0), step, axis=1)
+        return result
+    upsampled = np.repeat(np.repeat(result, step, axis=0), step, axis=1)
     return np.ascontiguousarray(upsampled[: full.shape[0], : full.shape[1]])
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """M ∪ {background components (4-connected) that do not touch the border} — scipy's
+    ``binary_fill_holes`` result, with one labelling pass instead of an iterated dilation (cost)."""
+    labels, count = ndimage.label(~mask)
+    if count == 0:
+        return mask.copy()
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[border] = True
+    outside[0] = False
+    return ~outside[labels]
