@@ -34,6 +34,7 @@ from radiomics.ngtdm import RadiomicsNGTDM
 from radiomics.shape2D import RadiomicsShape2D
 
 from qcgate.features.intensity import bounding_box
+from qcgate.features.radiomics_numpy import discretise, firstorder_features, glcm_features, glcm_matrix
 
 # pyradiomics logs every class construction at INFO/DEBUG; a daemon does not want that per slice.
 logging.getLogger("radiomics").setLevel(logging.ERROR)
@@ -86,17 +87,49 @@ def to_sitk(array: np.ndarray, pixel_spacing: tuple[float, ...]) -> sitk.Image:
     return image
 
 
-def run_feature_classes(
+#: Classes we compute with the vectorised equivalents of :mod:`qcgate.features.radiomics_numpy`.
+NUMPY_CLASSES: tuple[str, ...] = ("firstorder", "glcm")
+
+
+def numpy_class_values(
+    image_array: np.ndarray,
+    mask_array: np.ndarray,
+    voxel_volume: float,
+    classes: Sequence[str],
+    settings: Mapping[str, Any] = RADIOMICS_SETTINGS,
+) -> dict[str, float]:
+    """First-order and GLCM features from arrays (3-D, (z, y, x)), equal to pyradiomics' classes."""
+    values: dict[str, float] = {}
+    wanted = [c for c in classes if c in NUMPY_CLASSES]
+    if not wanted:
+        return values
+    mask_array = np.asarray(mask_array, dtype=bool)
+    binned = discretise(image_array, mask_array, float(settings["binWidth"]))
+    with np.errstate(all="ignore"):
+        if "firstorder" in wanted:
+            first = firstorder_features(
+                image_array[mask_array], binned[mask_array], voxel_volume, float(settings.get("voxelArrayShift", 0))
+            )
+            values.update({f"firstorder_{k}": v for k, v in first.items()})
+        if "glcm" in wanted:
+            p, levels, ng = glcm_matrix(
+                binned,
+                mask_array,
+                tuple(settings.get("distances", [1])),
+                bool(settings.get("force2D", False)),
+                int(settings.get("force2Ddimension", 0)),
+            )
+            values.update({f"glcm_{k}": v for k, v in glcm_features(p, levels, ng).items()})
+    return values
+
+
+def pyradiomics_class_values(
     image: sitk.Image,
     mask: sitk.Image,
     classes: Sequence[str],
     settings: Mapping[str, Any] = RADIOMICS_SETTINGS,
 ) -> dict[str, float]:
-    """Run pyradiomics classes on SimpleITK ``image``/``mask`` (label 1): ``{f"{class}_{feature}": value}``.
-
-    Works on 2-D images and on 3-D volumes (``force2D`` then builds in-plane matrices slice by slice),
-    which is how the upstream baselines are reproduced.
-    """
+    """Run the pyradiomics classes themselves: ``{f"{class}_{feature}": value}``."""
     values: dict[str, float] = {}
     # Degenerate ROIs make pyradiomics average empty slices; the nan it returns is handled by the caller.
     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -106,6 +139,30 @@ def run_feature_classes(
             feature_class.enableAllFeatures()
             for name, value in feature_class.execute().items():
                 values[f"{class_name}_{name}"] = float(np.asarray(value).reshape(-1)[0])
+    return values
+
+
+def run_feature_classes(
+    image: sitk.Image,
+    mask: sitk.Image,
+    classes: Sequence[str],
+    settings: Mapping[str, Any] = RADIOMICS_SETTINGS,
+) -> dict[str, float]:
+    """Our configured extraction on SimpleITK ``image``/``mask`` (label 1): ``{f"{class}_{feature}": value}``.
+
+    First order and GLCM go through :func:`numpy_class_values`, the rest through pyradiomics. Works on
+    2-D images and on 3-D volumes (``force2D`` then builds in-plane matrices), which is how the upstream
+    baselines are reproduced.
+    """
+    image_array = sitk.GetArrayFromImage(image).astype(np.float64)
+    mask_array = sitk.GetArrayFromImage(mask) == int(settings.get("label", 1))
+    if image_array.ndim == 2:
+        image_array, mask_array = image_array[None], mask_array[None]
+    voxel_volume = float(np.prod(image.GetSpacing()))
+    values = numpy_class_values(image_array, mask_array, voxel_volume, classes, settings)
+    others = [c for c in classes if c not in NUMPY_CLASSES]
+    if others:
+        values.update(pyradiomics_class_values(image, mask, others, settings))
     return values
 
 
@@ -126,11 +183,18 @@ def radiomics_descriptors(
     if box is None:
         return {name: math.nan for name in names}
     crop = np.asarray(image[box], dtype=np.float64)
-    crop_mask = np.asarray(region[box], dtype=np.uint8)
-    image_itk = to_sitk(crop, pixel_spacing)
-    mask_itk = to_sitk(crop_mask, pixel_spacing)
+    crop_mask = np.asarray(region[box], dtype=bool)
     try:
-        values = run_feature_classes(image_itk, mask_itk, classes, settings)
+        values = numpy_class_values(
+            crop[None], crop_mask[None], float(pixel_spacing[0]) * float(pixel_spacing[1]), classes, settings
+        )
+        others = [c for c in classes if c not in NUMPY_CLASSES]
+        if others:
+            # A one-slice 3-D volume, as in the upstream baselines: on a 2-D image, force2D with axis 0 would
+            # drop the row axis and build 1-D (horizontal-only) matrices.
+            image_itk = to_sitk(crop[None], (1.0, *pixel_spacing))
+            mask_itk = to_sitk(crop_mask[None].astype(np.uint8), (1.0, *pixel_spacing))
+            values.update(pyradiomics_class_values(image_itk, mask_itk, others, settings))
     except (ValueError, IndexError, ZeroDivisionError):
         # pyradiomics raises on degenerate ROIs (e.g. a single pixel for shape2D): treat as undefined.
         return {name: math.nan for name in names}
