@@ -10,7 +10,8 @@ Per slice, in the same process and interleaved (the machine is noisy):
 - ours: ``extract_slice_features(full 512² slice, lesion, spacing, uncertainty_map=..., position_map=...)``
   — imaging/texture/border/geometry/uncertainty, lung mask computed from HU;
 - pyradiomics: ``RadiomicsFeatureExtractor`` with force2D, all of firstorder, glcm, glrlm, glszm, gldm,
-  ngtdm and shape2D, on the lesion crop (its bounding box + the extractor's own padDistance of 5 px),
+  ngtdm and shape2D, on the lesion crop (its bounding box + the extractor's own padDistance of 5 px,
+  as a one-slice volume so that force2D gives in-plane 2-D matrices),
   with the same binWidth (25) and voxelArrayShift (2000).
 Each is run ``--repeats`` times per slice; we report medians over the per-slice medians. One core:
 BLAS/OpenMP threads are limited to 1 and the process is pinned to one CPU.
@@ -92,10 +93,11 @@ def lesion_crop_images(image: np.ndarray, lesion: np.ndarray, spacing: tuple[flo
         slice(max(rows[0] - PAD_DISTANCE, 0), rows[-1] + 1 + PAD_DISTANCE),
         slice(max(cols[0] - PAD_DISTANCE, 0), cols[-1] + 1 + PAD_DISTANCE),
     )
-    image_itk = sitk.GetImageFromArray(image[box])
-    mask_itk = sitk.GetImageFromArray(lesion[box].astype(np.uint8))
+    # One-slice volumes: pyradiomics' force2D on a 2-D image would drop the row axis (1-D matrices).
+    image_itk = sitk.GetImageFromArray(image[box][None])
+    mask_itk = sitk.GetImageFromArray(lesion[box][None].astype(np.uint8))
     for item in (image_itk, mask_itk):
-        item.SetSpacing((spacing[1], spacing[0]))
+        item.SetSpacing((spacing[1], spacing[0], 1.0))
     return image_itk, mask_itk
 
 

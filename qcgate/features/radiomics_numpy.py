@@ -179,8 +179,9 @@ def glcm_features(p: np.ndarray, levels: np.ndarray, ng: int) -> dict[str, float
             mcc = float(np.nanmean(np.sqrt(eigenvalues[:, -2])).real)
 
     def angle_mean(per_angle: np.ndarray) -> float:
-        with np.errstate(invalid="ignore"):
-            return float(np.nanmean(per_angle)) if np.any(np.isfinite(per_angle)) else math.nan
+        # nanmean without its per-call overhead (23 calls per region)
+        kept = per_angle[~np.isnan(per_angle)]
+        return float(kept.sum() / kept.size) if kept.size else math.nan
 
     return {
         "Autocorrelation": angle_mean(np.sum(p * i * j, axis=(0, 1))),
