@@ -289,7 +289,7 @@ def lesion_density(rng: np.random.Generator, spec: LesionSpec, shape: tuple[int,
         modulation = 0.1 + 0.9 * modulation + 0.1 * _smooth_noise(rng, shape, 0.6)
     else:  # hybrid: uniform areas with variation on a larger scale
         broad = _smooth_noise(rng, shape, max(2.0, spec.radius_px / 3))
-        modulation = 0.75 + 0.2 * np.tanh(broad) + 0.03 * _smooth_noise(rng, shape, 1.0)
+        modulation = 0.82 + 0.18 * np.tanh(broad) + 0.03 * _smooth_noise(rng, shape, 1.0)
     density = np.clip(filling * modulation, 0.0, 1.0)
     core = np.zeros(shape, np.float32)
     if spec.kind == "mixed":
@@ -335,11 +335,15 @@ def _trace(mask: np.ndarray, rng: np.random.Generator, amplitude_px: float) -> n
 
 
 def reader_mask(observed: np.ndarray, style: ReaderStyle, rng: np.random.Generator, lung_hu: float,
-                seen_peak_hu: float, lesion_seed: np.ndarray, roi: np.ndarray) -> np.ndarray:
-    """One reader's outline on the observed slice (see the module docstring for the mechanism)."""
+                seen_peak_hu: float, lesion_seed: np.ndarray, roi: np.ndarray,
+                impression: tuple[float, float]) -> np.ndarray:
+    """One reader's outline on the observed slice (see the module docstring for the mechanism).
+
+    ``impression`` = (HU shift, relative-level shift): how this reader's levels move on this case.
+    """
     perceived = ndimage.gaussian_filter(observed, style.perception_sigma_px)
-    preferred = style.ground_glass_level_hu + rng.normal(0, 40)
-    relative = lung_hu + (style.relative_level + rng.normal(0, 0.05)) * (seen_peak_hu - lung_hu)
+    preferred = style.ground_glass_level_hu + impression[0]
+    relative = lung_hu + (style.relative_level + impression[1]) * (seen_peak_hu - lung_hu)
     level = min(preferred, relative)
     candidate = (perceived > level) & roi
     candidate = _touching(candidate, lesion_seed)
@@ -415,8 +419,18 @@ def generate_patient(seed: int, index: int, config: PhantomConfig, styles: dict[
         roi = ndimage.binary_dilation(density > 0.02, iterations=int(4 + 0.4 * spec.radius_px))
         roi &= ndimage.binary_dilation(lungs, iterations=2)
         seen_peak = float(np.percentile(ndimage.gaussian_filter(observed, 1.0)[seed_region], 75))
+        # A reader's levels move from case to case; the reference and its repeat share most of that
+        # movement (same person, same case), other readers move independently.
+        shared = (rng.normal(0, 35), rng.normal(0, 0.045))
+        impressions = {
+            reader: (shared[0] + rng.normal(0, 12), shared[1] + rng.normal(0, 0.015))
+            if reader in (REFERENCE_READER, REPEAT_READER) else (rng.normal(0, 40), rng.normal(0, 0.05))
+            for reader in styles
+        }
         for reader, style in styles.items():
-            readers[reader].append(reader_mask(observed, style, rng, scanner.lung_hu, seen_peak, seed_region, roi))
+            readers[reader].append(
+                reader_mask(observed, style, rng, scanner.lung_hu, seen_peak, seed_region, roi, impressions[reader])
+            )
         probabilities.append(ai_probabilities(observed, rng, config.members, scanner.lung_hu, seen_peak, seed_region, roi))
         images.append(observed)
         lungs_all.append(lungs | (density > 0.5))
