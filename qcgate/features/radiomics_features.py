@@ -34,7 +34,16 @@ from radiomics.ngtdm import RadiomicsNGTDM
 from radiomics.shape2D import RadiomicsShape2D
 
 from qcgate.features.intensity import bounding_box
-from qcgate.features.radiomics_numpy import discretise, firstorder_features, glcm_features, glcm_matrix
+from qcgate.features.radiomics_numpy import (
+    discretise,
+    firstorder_features,
+    glcm_features,
+    glcm_matrix,
+    gldm_features,
+    glrlm_features,
+    glszm_features,
+    ngtdm_features,
+)
 
 # pyradiomics logs every class construction at INFO/DEBUG; a daemon does not want that per slice.
 logging.getLogger("radiomics").setLevel(logging.ERROR)
@@ -88,7 +97,7 @@ def to_sitk(array: np.ndarray, pixel_spacing: tuple[float, ...]) -> sitk.Image:
 
 
 #: Classes we compute with the vectorised equivalents of :mod:`qcgate.features.radiomics_numpy`.
-NUMPY_CLASSES: tuple[str, ...] = ("firstorder", "glcm")
+NUMPY_CLASSES: tuple[str, ...] = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
 
 
 def numpy_class_values(
@@ -98,7 +107,8 @@ def numpy_class_values(
     classes: Sequence[str],
     settings: Mapping[str, Any] = RADIOMICS_SETTINGS,
 ) -> dict[str, float]:
-    """First-order and GLCM features from arrays (3-D, (z, y, x)), equal to pyradiomics' classes."""
+    """First-order and texture-class features from arrays (3-D, (z, y, x)), equal to pyradiomics' classes
+    (grey levels discretised once per region, each texture matrix built once by pyradiomics' C code)."""
     values: dict[str, float] = {}
     wanted = [c for c in classes if c in NUMPY_CLASSES]
     if not wanted:
@@ -120,6 +130,21 @@ def numpy_class_values(
                 int(settings.get("force2Ddimension", 0)),
             )
             values.update({f"glcm_{k}": v for k, v in glcm_features(p, levels, ng).items()})
+        force2d = bool(settings.get("force2D", False))
+        dimension = int(settings.get("force2Ddimension", 0))
+        distances = tuple(settings.get("distances", [1]))
+        if "glrlm" in wanted:
+            run = glrlm_features(binned, mask_array, force2d, dimension)
+            values.update({f"glrlm_{k}": v for k, v in run.items()})
+        if "glszm" in wanted:
+            zone = glszm_features(binned, mask_array, force2d, dimension)
+            values.update({f"glszm_{k}": v for k, v in zone.items()})
+        if "gldm" in wanted:
+            dependence = gldm_features(binned, mask_array, distances, settings.get("gldm_a", 0), force2d, dimension)
+            values.update({f"gldm_{k}": v for k, v in dependence.items()})
+        if "ngtdm" in wanted:
+            neighbourhood = ngtdm_features(binned, mask_array, distances, force2d, dimension)
+            values.update({f"ngtdm_{k}": v for k, v in neighbourhood.items()})
     return values
 
 

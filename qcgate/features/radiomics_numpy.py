@@ -209,3 +209,192 @@ def glcm_features(p: np.ndarray, levels: np.ndarray, ng: int) -> dict[str, float
         "SumEntropy": angle_mean(-np.sum(p_sum * np.log2(p_sum + EPS), axis=0)),
         "SumSquares": angle_mean(np.sum(p * (i - ux) ** 2, axis=(0, 1))),
     }
+
+
+# --- Run-length, size-zone and dependence matrices (GLRLM, GLSZM, GLDM) and NGTDM -------------------
+
+GLRLM_FEATURES: tuple[str, ...] = (
+    "GrayLevelNonUniformity", "GrayLevelNonUniformityNormalized", "GrayLevelVariance",
+    "HighGrayLevelRunEmphasis", "LongRunEmphasis", "LongRunHighGrayLevelEmphasis", "LongRunLowGrayLevelEmphasis",
+    "LowGrayLevelRunEmphasis", "RunEntropy", "RunLengthNonUniformity", "RunLengthNonUniformityNormalized",
+    "RunPercentage", "RunVariance", "ShortRunEmphasis", "ShortRunHighGrayLevelEmphasis",
+    "ShortRunLowGrayLevelEmphasis",
+)  # fmt: skip
+GLSZM_FEATURES: tuple[str, ...] = (
+    "GrayLevelNonUniformity", "GrayLevelNonUniformityNormalized", "GrayLevelVariance",
+    "HighGrayLevelZoneEmphasis", "LargeAreaEmphasis", "LargeAreaHighGrayLevelEmphasis",
+    "LargeAreaLowGrayLevelEmphasis", "LowGrayLevelZoneEmphasis", "SizeZoneNonUniformity",
+    "SizeZoneNonUniformityNormalized", "SmallAreaEmphasis", "SmallAreaHighGrayLevelEmphasis",
+    "SmallAreaLowGrayLevelEmphasis", "ZoneEntropy", "ZonePercentage", "ZoneVariance",
+)  # fmt: skip
+GLDM_FEATURES: tuple[str, ...] = (
+    "DependenceEntropy", "DependenceNonUniformity", "DependenceNonUniformityNormalized", "DependenceVariance",
+    "GrayLevelNonUniformity", "GrayLevelVariance", "HighGrayLevelEmphasis", "LargeDependenceEmphasis",
+    "LargeDependenceHighGrayLevelEmphasis", "LargeDependenceLowGrayLevelEmphasis", "LowGrayLevelEmphasis",
+    "SmallDependenceEmphasis", "SmallDependenceHighGrayLevelEmphasis", "SmallDependenceLowGrayLevelEmphasis",
+)  # fmt: skip
+NGTDM_FEATURES: tuple[str, ...] = ("Busyness", "Coarseness", "Complexity", "Contrast", "Strength")
+
+# Generic descriptor -> class-specific pyradiomics name.
+_GLRLM_NAMES = {
+    "small": "ShortRunEmphasis", "large": "LongRunEmphasis", "gln": "GrayLevelNonUniformity",
+    "glnn": "GrayLevelNonUniformityNormalized", "sn": "RunLengthNonUniformity",
+    "snn": "RunLengthNonUniformityNormalized", "glv": "GrayLevelVariance", "sv": "RunVariance",
+    "entropy": "RunEntropy", "lgle": "LowGrayLevelRunEmphasis", "hgle": "HighGrayLevelRunEmphasis",
+    "slgle": "ShortRunLowGrayLevelEmphasis", "shgle": "ShortRunHighGrayLevelEmphasis",
+    "llgle": "LongRunLowGrayLevelEmphasis", "lhgle": "LongRunHighGrayLevelEmphasis", "percentage": "RunPercentage",
+}  # fmt: skip
+_GLSZM_NAMES = {
+    "small": "SmallAreaEmphasis", "large": "LargeAreaEmphasis", "gln": "GrayLevelNonUniformity",
+    "glnn": "GrayLevelNonUniformityNormalized", "sn": "SizeZoneNonUniformity",
+    "snn": "SizeZoneNonUniformityNormalized", "glv": "GrayLevelVariance", "sv": "ZoneVariance",
+    "entropy": "ZoneEntropy", "lgle": "LowGrayLevelZoneEmphasis", "hgle": "HighGrayLevelZoneEmphasis",
+    "slgle": "SmallAreaLowGrayLevelEmphasis", "shgle": "SmallAreaHighGrayLevelEmphasis",
+    "llgle": "LargeAreaLowGrayLevelEmphasis", "lhgle": "LargeAreaHighGrayLevelEmphasis", "percentage": "ZonePercentage",
+}  # fmt: skip
+_GLDM_NAMES = {
+    "small": "SmallDependenceEmphasis", "large": "LargeDependenceEmphasis", "gln": "GrayLevelNonUniformity",
+    "sn": "DependenceNonUniformity", "snn": "DependenceNonUniformityNormalized", "glv": "GrayLevelVariance",
+    "sv": "DependenceVariance", "entropy": "DependenceEntropy", "lgle": "LowGrayLevelEmphasis",
+    "hgle": "HighGrayLevelEmphasis", "slgle": "SmallDependenceLowGrayLevelEmphasis",
+    "shgle": "SmallDependenceHighGrayLevelEmphasis", "llgle": "LargeDependenceLowGrayLevelEmphasis",
+    "lhgle": "LargeDependenceHighGrayLevelEmphasis",
+}  # fmt: skip
+
+
+def size_matrix_features(matrix: np.ndarray, levels: np.ndarray, totals: np.ndarray, n_pixels: np.ndarray) -> dict[str, float]:
+    """Shared features of a grey-level × size matrix P(i, j) per angle a (run length, zone size or
+    dependence size j), N_a = Σ_ij P, p_g(i) = Σ_j P, p_s(j) = Σ_i P; each averaged over angles (nanmean):
+
+    small = Σ p_s(j)/j² / N, large = Σ p_s(j) j² / N, gln = Σ p_g² / N, glnn = Σ p_g² / N²,
+    sn = Σ p_s² / N, snn = Σ p_s² / N², glv = Σ (p_g/N)(i − μ_i)², sv = Σ (p_s/N)(j − μ_j)²,
+    entropy = −Σ (P/N) log2(P/N + ε), lgle = Σ p_g/i² / N, hgle = Σ p_g i² / N,
+    slgle = Σ P/(i²j²) / N, shgle = Σ P i²/j² / N, llgle = Σ P j²/i² / N, lhgle = Σ P i²j² / N,
+    percentage = N / N_p (N_p = ``n_pixels`` per angle).
+
+    ``matrix`` has shape (G, J, A) over the present grey ``levels`` and sizes 1..J; sizes that occur at
+    no angle are dropped first (pyradiomics' convention); ``totals`` is N_a (nan when empty).
+    """
+    p_size_all = matrix.sum(axis=0)  # (J, A)
+    p_grey = matrix.sum(axis=1)  # (G, A)
+    sizes = np.arange(1, matrix.shape[1] + 1, dtype=np.float64)
+    occurring = p_size_all.sum(axis=1) != 0
+    matrix = matrix[:, occurring, :]
+    p_size = p_size_all[occurring]
+    j = sizes[occurring][:, None]  # (J', 1)
+    i = levels[:, None]  # (G, 1)
+    n = totals
+    p_grey_norm = p_grey / n
+    mu_i = np.sum(p_grey_norm * i, axis=0)
+    p_size_norm = p_size / n
+    mu_j = np.sum(p_size_norm * j, axis=0)
+    p_norm = matrix / n[None, None, :]
+    i3 = levels[:, None, None]
+    j3 = sizes[occurring][None, :, None]
+
+    def mean(per_angle: np.ndarray) -> float:
+        kept = per_angle[~np.isnan(per_angle)]
+        return float(kept.sum() / kept.size) if kept.size else math.nan
+
+    return {
+        "small": mean(np.sum(p_size / j**2, axis=0) / n),
+        "large": mean(np.sum(p_size * j**2, axis=0) / n),
+        "gln": mean(np.sum(p_grey**2, axis=0) / n),
+        "glnn": mean(np.sum(p_grey**2, axis=0) / n**2),
+        "sn": mean(np.sum(p_size**2, axis=0) / n),
+        "snn": mean(np.sum(p_size**2, axis=0) / n**2),
+        "glv": mean(np.sum(p_grey_norm * (i - mu_i) ** 2, axis=0)),
+        "sv": mean(np.sum(p_size_norm * (j - mu_j) ** 2, axis=0)),
+        "entropy": mean(-np.sum(p_norm * np.log2(p_norm + EPS), axis=(0, 1))),
+        "lgle": mean(np.sum(p_grey / i**2, axis=0) / n),
+        "hgle": mean(np.sum(p_grey * i**2, axis=0) / n),
+        "slgle": mean(np.sum(matrix / (i3**2 * j3**2), axis=(0, 1)) / n),
+        "shgle": mean(np.sum(matrix * i3**2 / j3**2, axis=(0, 1)) / n),
+        "llgle": mean(np.sum(matrix * j3**2 / i3**2, axis=(0, 1)) / n),
+        "lhgle": mean(np.sum(matrix * (j3**2 * i3**2), axis=(0, 1)) / n),
+        "percentage": mean(n / n_pixels),
+    }
+
+
+def _present(matrix: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Rows of the grey levels present in the ROI (pyradiomics deletes the absent ones)."""
+    return matrix[levels.astype(np.intp) - 1]
+
+
+def glrlm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+    """pyradiomics GLRLM features (formulas in :func:`size_matrix_features`, j = run length, N = number of
+    runs per angle, RunPercentage = N / Σ_j p_s(j)·j), averaged over the in-plane angles."""
+    levels = np.unique(binned[mask])
+    ng = int(levels.max())
+    matrix, _angles = cMatrices.calculate_glrlm(binned, mask, ng, int(max(binned.shape)), bool(force2d), int(force2d_dimension))
+    matrix = _present(matrix[0], levels)  # (G, J, A)
+    totals = matrix.sum(axis=(0, 1))
+    if matrix.shape[2] > 1:
+        matrix, totals = matrix[:, :, totals != 0], totals[totals != 0]
+    totals = np.where(totals == 0, np.nan, totals)
+    p_size = matrix.sum(axis=0)
+    n_pixels = np.sum(p_size * np.arange(1, matrix.shape[1] + 1)[:, None], axis=0)
+    generic = size_matrix_features(matrix, levels.astype(np.float64), totals, n_pixels)
+    return {_GLRLM_NAMES[key]: value for key, value in generic.items()}
+
+
+def glszm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+    """pyradiomics GLSZM features (formulas in :func:`size_matrix_features`, j = zone size of 8-connected
+    same-level zones in 2-D, N = N_z zones, ZonePercentage = N_z / N_p, N_p = Σ_j p_s(j)·j)."""
+    levels = np.unique(binned[mask])
+    ng = int(levels.max())
+    matrix = cMatrices.calculate_glszm(binned, mask, ng, int(mask.sum()), bool(force2d), int(force2d_dimension))
+    matrix = _present(matrix[0], levels)[:, :, None]  # (G, J, 1)
+    n_zones = float(matrix.sum()) or 1.0
+    n_pixels = float(np.sum(matrix.sum(axis=0)[:, 0] * np.arange(1, matrix.shape[1] + 1))) or 1.0
+    generic = size_matrix_features(matrix, levels.astype(np.float64), np.array([n_zones]), np.array([n_pixels]))
+    return {_GLSZM_NAMES[key]: value for key, value in generic.items()}
+
+
+def gldm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), alpha: int = 0, force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+    """pyradiomics GLDM features (formulas in :func:`size_matrix_features`, j = dependence size: 1 + the
+    number of neighbours within |Δ| ≤ α of the centre's grey level, N = N_z = number of pixels)."""
+    levels = np.unique(binned[mask])
+    ng = int(levels.max())
+    matrix = cMatrices.calculate_gldm(binned, mask, np.asarray(distances), ng, alpha, bool(force2d), int(force2d_dimension))
+    matrix = _present(matrix[0], levels)[:, :, None]
+    n_total = float(matrix.sum()) or 1.0
+    generic = size_matrix_features(matrix, levels.astype(np.float64), np.array([n_total]), np.array([n_total]))
+    return {_GLDM_NAMES[key]: value for key, value in generic.items() if key in _GLDM_NAMES}
+
+
+def ngtdm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+    """pyradiomics NGTDM features from n_i (pixels of level i with a valid neighbourhood), p_i = n_i / N_vp
+    and s_i = Σ |i − Ā_i| (Ā the neighbourhood mean), over the N_gp present levels:
+
+    Coarseness = 1 / Σ p_i s_i (10⁶ if 0), Contrast = [Σ_ij p_i p_j (i − j)² / (N_gp(N_gp − 1))]·Σ s_i / N_vp,
+    Busyness = Σ p_i s_i / Σ_ij |i p_i − j p_j|, Complexity = Σ_ij |i − j| (p_i s_i + p_j s_j)/(p_i + p_j) / N_vp,
+    Strength = Σ_ij (p_i + p_j)(i − j)² / Σ s_i (0 where a denominator is 0).
+    """
+    levels = np.unique(binned[mask])
+    ng = int(levels.max())
+    matrix = cMatrices.calculate_ngtdm(binned, mask, np.asarray(distances), ng, bool(force2d), int(force2d_dimension))[0]
+    matrix = matrix[matrix[:, 0] != 0]
+    counts, s, i = matrix[:, 0], matrix[:, 1], matrix[:, 2]
+    n_vp = counts.sum()
+    p = counts / n_vp
+    n_gp = int(np.count_nonzero(counts))
+    sum_ps = float(np.sum(p * s))
+    sum_s = float(np.sum(s))
+    di = i[:, None] - i[None, :]
+    contrast_div = n_gp * (n_gp - 1)
+    contrast = float(np.sum(p[:, None] * p[None, :] * di**2)) * sum_s / n_vp
+    contrast = contrast / contrast_div if contrast_div != 0 else 0.0
+    ip = i * p
+    absdiff = float(np.sum(np.abs(ip[:, None] - ip[None, :])))
+    ps = p * s
+    divisor = p[:, None] + p[None, :]
+    divisor = np.where(divisor == 0, 1.0, divisor)
+    strength = float(np.sum((p[:, None] + p[None, :]) * di**2))
+    return {
+        "Busyness": sum_ps / absdiff if absdiff != 0 else 0.0,
+        "Coarseness": 1.0 / sum_ps if sum_ps != 0 else 1e6,
+        "Complexity": float(np.sum(np.abs(di) * (ps[:, None] + ps[None, :]) / divisor)) / n_vp,
+        "Contrast": contrast,
+        "Strength": strength / sum_s if sum_s != 0 else 0.0,
+    }

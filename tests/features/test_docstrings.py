@@ -20,6 +20,7 @@ DESCRIPTOR_MODULES = (
     "qcgate.features.regions",
     "qcgate.features.lung",
     "qcgate.features.position",
+    "qcgate.features.radiomics_numpy",
 )
 #: A formula: an equation, a sum/product/root, or set algebra on masks.
 FORMULA = re.compile(r"=|Σ|√|∖|⊕|⊖|argmax|log")

@@ -1,4 +1,4 @@
-"""Our vectorised first-order and GLCM equal pyradiomics' classes, ROI by ROI (incl. degenerate ROIs)."""
+"""Our vectorised first-order and texture classes equal pyradiomics' classes, ROI by ROI (incl. degenerate ROIs)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def rois() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 ROIS = rois()
 
 
-@pytest.mark.parametrize("class_name", ["firstorder", "glcm"])
+@pytest.mark.parametrize("class_name", ["firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm"])
 @pytest.mark.parametrize("roi", sorted(ROIS))
 def test_numpy_equals_pyradiomics(roi: str, class_name: str) -> None:
     image, mask = ROIS[roi]
