@@ -63,6 +63,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     phantom.add_argument("--workers", type=_positive_int, default=None)
     phantom.set_defaults(handler=run_phantom)
 
+    importer = subparsers.add_parser(
+        "import-cohort",
+        help="convert a site's DICOM (CT + SEG per reader) or NIfTI cases into a qcgate cohort",
+        description="SITE holds one directory per case: ct/*.dcm + seg_reader_<ID>.dcm [+ seg_ai_<name>.dcm] "
+        "(DICOM) or image.nii.gz + reader_<ID>.nii.gz [+ ai_<name>.nii.gz, lung.nii.gz] (NIfTI). "
+        "See docs/COHORT_FORMAT.md.",
+    )
+    importer.add_argument("site", type=Path, metavar="SITE")
+    importer.add_argument("--format", choices=("dicom", "nifti"), required=True, dest="fmt")
+    importer.add_argument("--out", type=Path, required=True)
+    importer.add_argument("--reference", default=None, help="reader id of the reference reader")
+    importer.add_argument("--repeat", default=None, help="reader id of the reference reader's repeat")
+    importer.add_argument("--skip-bad-cases", action="store_true")
+    importer.set_defaults(handler=run_import)
+
 
 def run_analyze(args: argparse.Namespace) -> int:
     from qcgate.cohort import load_cohort
@@ -89,4 +104,17 @@ def run_phantom(args: argparse.Namespace) -> int:
     slices = sum(case.n_slices for case in cohort.cases)
     print(f"SYNTHETIC cohort: {len(cohort)} patients, {slices} slices, seed {args.seed} -> {out} "
           f"({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from qcgate.cohort.importers import import_site
+    from qcgate.cohort.store import write_cohort
+
+    cohort = import_site(args.site, args.fmt, reference_reader=args.reference, repeat_reader=args.repeat,
+                         skip_bad_cases=args.skip_bad_cases)
+    write_cohort(cohort, args.out, description=f"imported from {args.site} ({args.fmt})")
+    slices = sum(case.n_slices for case in cohort.cases)
+    print(f"imported {len(cohort)} cases ({len(cohort.patients)} patients, {slices} lesion slices) -> {args.out}"
+          + (f"; skipped {len(cohort.skipped)}" if cohort.skipped else ""))
     return 0
