@@ -13,7 +13,8 @@ Per slice, in the same process and interleaved (the machine is noisy):
   ngtdm and shape2D, on the lesion crop (its bounding box + the extractor's own padDistance of 5 px,
   as a one-slice volume so that force2D gives in-plane 2-D matrices),
   with the same binWidth (25) and voxelArrayShift (2000).
-Each is run ``--repeats`` times per slice; we report medians over the per-slice medians. One core:
+Each is run ``--repeats`` times per slice; we report medians over the per-slice medians, of wall time
+and of the thread's CPU time (less sensitive to other processes on a shared machine). One core:
 BLAS/OpenMP threads are limited to 1 and the process is pinned to one CPU.
 
 Run: .venv/bin/python bench/bench_features.py [--repeats 7]
@@ -113,32 +114,47 @@ def main() -> None:
     extractor = pyradiomics_extractor()
     ours_ms: list[float] = []
     theirs_ms: list[float] = []
-    print(f"{'slice':>12} {'area_px':>8} {'ours_ms':>8} {'pyrad_ms':>9} {'ratio':>6}")
+    ours_cpu: list[float] = []
+    theirs_cpu: list[float] = []
+
+    def timed(call) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        call()
+        return (time.perf_counter() - wall) * 1e3, (time.thread_time() - cpu) * 1e3
+
+    print(f"{'slice':>12} {'area_px':>8} {'ours_ms':>8} {'pyrad_ms':>9} {'ratio':>6} {'ours_cpu':>9} {'pyrad_cpu':>10}")
     for index, (name, image, lesion, spacing) in enumerate(slices):
         um = synthetic_uncertainty(lesion, index)
         image_itk, mask_itk = lesion_crop_images(image, lesion, spacing)
-        # Warm-up (imports, caches) outside the timing.
-        extract_slice_features(image, lesion, spacing, uncertainty_map=um, position_map=position_map)
-        extractor.execute(image_itk, mask_itk)
-        ours_runs, theirs_runs = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            extract_slice_features(image, lesion, spacing, uncertainty_map=um, position_map=position_map)
-            ours_runs.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            extractor.execute(image_itk, mask_itk)
-            theirs_runs.append((time.perf_counter() - start) * 1e3)
-        ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
-        ours_ms.append(ours)
-        theirs_ms.append(theirs)
-        print(f"{name:>12} {int(lesion.sum()):>8} {ours:>8.1f} {theirs:>9.1f} {ours / theirs:>6.2f}")
-    ours_median, theirs_median = statistics.median(ours_ms), statistics.median(theirs_ms)
-    ratios = [o / t for o, t in zip(ours_ms, theirs_ms)]
-    print(f"slices: {len(slices)}, repeats per slice: {args.repeats}, one core")
-    print(f"median ours: {ours_median:.1f} ms/slice  (max {max(ours_ms):.1f})")
-    print(f"median pyradiomics (all 7 classes): {theirs_median:.1f} ms/slice")
-    print(f"ratio of medians: {ours_median / theirs_median:.2f}; median per-slice ratio: {statistics.median(ratios):.2f}")
 
+        def ours() -> None:
+            extract_slice_features(image, lesion, spacing, uncertainty_map=um, position_map=position_map)
+
+        def theirs() -> None:
+            extractor.execute(image_itk, mask_itk)
+
+        ours(), theirs()  # warm-up (imports, caches) outside the timing
+        runs_ours, runs_theirs = [], []
+        for _ in range(args.repeats):
+            runs_ours.append(timed(ours))
+            runs_theirs.append(timed(theirs))
+        ours_ms.append(statistics.median(w for w, _ in runs_ours))
+        theirs_ms.append(statistics.median(w for w, _ in runs_theirs))
+        ours_cpu.append(statistics.median(c for _, c in runs_ours))
+        theirs_cpu.append(statistics.median(c for _, c in runs_theirs))
+        print(
+            f"{name:>12} {int(lesion.sum()):>8} {ours_ms[-1]:>8.1f} {theirs_ms[-1]:>9.1f} {ours_ms[-1] / theirs_ms[-1]:>6.2f}"
+            f" {ours_cpu[-1]:>9.1f} {theirs_cpu[-1]:>10.1f}"
+        )
+    print(f"slices: {len(slices)}, repeats per slice: {args.repeats}, one core")
+    for label, mine, reference in (("wall", ours_ms, theirs_ms), ("cpu", ours_cpu, theirs_cpu)):
+        ratios = [o / t for o, t in zip(mine, reference)]
+        print(
+            f"{label}: median ours {statistics.median(mine):.1f} ms/slice (max {max(mine):.1f}); "
+            f"median pyradiomics (all 7 classes) {statistics.median(reference):.1f} ms/slice; "
+            f"ratio of medians {statistics.median(mine) / statistics.median(reference):.2f}; "
+            f"median per-slice ratio {statistics.median(ratios):.2f}"
+        )
 
 if __name__ == "__main__":
     main()

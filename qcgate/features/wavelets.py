@@ -54,7 +54,7 @@ def level_energies(array: np.ndarray, wavelet: str = "db2", levels: int = WAVELE
         warnings.simplefilter("ignore")
         coefficients = pywt.wavedec2(data, wavelet, mode="zero", level=levels)
     details = coefficients[1:][::-1]  # wavedec2 lists coarsest first; reorder to j = 1 .. levels
-    energies = np.array([sum(float(np.sum(band * band)) for band in level) for level in details])
+    energies = np.array([sum(float(np.vdot(band, band)) for band in level) for level in details])
     counts = 3.0 * data.size / 4.0 ** np.arange(1, levels + 1)
     return energies, counts
 
