@@ -14,13 +14,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.node.dicom_header import HeaderError, InstanceHeader, read_header
 from qcgate.node.spool import Spool, sha256_of_file
-from qcgate.pipeline.assembler import attach_instance
-from qcgate.store.models import Instance, RefusedInstance, SegReference
+from qcgate.pipeline.assembler import case_series_for, get_or_create_case_id, touch_case
+from qcgate.store.models import Instance, RefusedInstance, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.ingest")
 
@@ -61,6 +61,7 @@ class Ingestor:
         # One writer at a time for the check-rename-commit step: two associations sending the same
         # SOP instance must not both rename into one path. It is short (rename, fsync, one commit).
         self._write_lock = threading.Lock()
+        self._case_ids: dict[str, int] = {}  # CT series UID -> case id; cases are never renumbered
 
     def disk_is_low(self) -> bool:
         return self.spool.free_mb() < self.min_free_mb
@@ -97,12 +98,17 @@ class Ingestor:
         return self._store(incoming, header, relative, digest, size, association_id)
 
     def _store(self, incoming: Path, header: InstanceHeader, relative: Path, digest: str, size: int, association_id: int | None) -> IngestResult:
+        # Core statements, not ORM objects: this runs once per instance on the acknowledgement path.
         with self._write_lock, self.session_factory() as session:
-            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
+            existing = session.execute(
+                select(Instance.sha256, Instance.case_id).where(Instance.sop_instance_uid == header.sop_instance_uid)
+            ).first()
             if existing is not None:
-                return self._resend(incoming, header, existing, digest, association_id)
+                return self._resend(incoming, header, existing.sha256, existing.case_id, digest, association_id)
             self.spool.commit(incoming, relative)
-            instance = Instance(
+            now = utcnow()
+            case_id = self._case_id(session, header)
+            instance_id = session.execute(insert(Instance).values(
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,
                 study_instance_uid=header.study_instance_uid,
@@ -112,37 +118,54 @@ class Ingestor:
                 spool_path=str(relative),
                 size_bytes=size,
                 sha256=digest,
+                received_at=now,
                 association_id=association_id,
+                case_id=case_id,
                 referenced_series_uid=header.referenced_series_uids[0] if header.referenced_series_uids else None,
                 manufacturer=header.manufacturer,
                 algorithm_name=header.algorithm_name,
                 algorithm_version=header.algorithm_version,
-            )
-            instance.references = [SegReference(referenced_sop_instance_uid=uid[:64]) for uid in sorted(header.referenced_sop_instance_uids)]
-            session.add(instance)
-            session.flush()
-            case = attach_instance(session, instance, header.referenced_series_uids)
+            ).returning(Instance.id)).scalar_one()
+            if header.referenced_sop_instance_uids:
+                session.execute(insert(SegReference), [
+                    {"seg_instance_id": instance_id, "referenced_sop_instance_uid": uid[:64]}
+                    for uid in sorted(header.referenced_sop_instance_uids)
+                ])
+            if case_id is not None:
+                touch_case(session, case_id, now)
             session.commit()
-            LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case.id if case else None)
-            return IngestResult(STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case.id if case else None)
+            LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case_id)
+            return IngestResult(STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id)
 
-    def _resend(self, incoming: Path | None, header: InstanceHeader, existing: Instance, digest: str, association_id: int | None) -> IngestResult:
-        if existing.sha256 == digest:
+    def _case_id(self, session: Session, header: InstanceHeader) -> int | None:
+        series_uid = case_series_for(session, header)
+        if series_uid is None:
+            return None
+        case_id = self._case_ids.get(series_uid)
+        if case_id is None:
+            case_id = get_or_create_case_id(session, header.study_instance_uid, series_uid)
+            if len(self._case_ids) > 100_000:
+                self._case_ids.clear()
+            self._case_ids[series_uid] = case_id
+        return case_id
+
+    def _resend(self, incoming: Path | None, header: InstanceHeader, stored_sha256: str, case_id: int | None, digest: str, association_id: int | None) -> IngestResult:
+        if stored_sha256 == digest:
             if incoming is not None:
                 incoming.unlink(missing_ok=True)
             LOG.info("identical re-send of %s: acknowledged, nothing new stored", header.sop_instance_uid)
-            return IngestResult(STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, existing.case_id)
+            return IngestResult(STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, case_id)
         message = f"conflicting re-send of {header.sop_instance_uid}: content differs from the stored copy; first copy kept"
         kept = None
         if incoming is not None:
             kept = self.spool.set_aside(incoming, kind="conflict", details={
                 "sop_instance_uid": header.sop_instance_uid, "reason": message,
-                "stored_sha256": existing.sha256, "new_sha256": digest,
+                "stored_sha256": stored_sha256, "new_sha256": digest,
             })
         self._record_refusal(association_id, header.sop_instance_uid, header.sop_class_uid, "conflict", message, STATUS_SUCCESS, kept)
         LOG.warning(message)
         # The new copy is kept durably aside, so acknowledging it loses nothing.
-        return IngestResult(STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, existing.case_id)
+        return IngestResult(STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, case_id)
 
     def _quarantine(self, incoming: Path, code: str, message: str, association_id: int | None, sop_uid: str | None, sop_class: str | None) -> IngestResult:
         status = _STATUS_FOR_CODE.get(code, STATUS_CANNOT_UNDERSTAND)

@@ -14,64 +14,63 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy import func, select
+from sqlalchemy import case as sql_case
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.config import AssemblySettings
-from qcgate.node.dicom_header import CT_SOP_CLASSES, SEGMENTATION_STORAGE
+from qcgate.node.dicom_header import SEGMENTATION_STORAGE, InstanceHeader
 from qcgate.store.models import Case, CaseState, Instance, Job, JobState, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.assembler")
 
 
-def case_series_for(session: Session, instance: Instance, referenced_series: tuple[str, ...]) -> str | None:
+def case_series_for(session: Session, header: InstanceHeader) -> str | None:
     """The CT series UID whose case this instance joins.
 
     CT: its own series. SEG: the first referenced series; when the SEG names none, the series of a
     referenced CT instance already received.
     """
-    if instance.sop_class_uid in {str(uid) for uid in CT_SOP_CLASSES}:
-        return instance.series_instance_uid
-    if referenced_series:
-        return referenced_series[0]
-    sop_uids = [ref.referenced_sop_instance_uid for ref in instance.references]
+    if not header.is_segmentation:
+        return header.series_instance_uid
+    if header.referenced_series_uids:
+        return header.referenced_series_uids[0]
+    sop_uids = sorted(header.referenced_sop_instance_uids)[:500]
     if not sop_uids:
         return None
     return session.scalar(
-        select(Instance.series_instance_uid).where(Instance.sop_instance_uid.in_(sop_uids[:500])).limit(1)
+        select(Instance.series_instance_uid).where(Instance.sop_instance_uid.in_(sop_uids)).limit(1)
     )
 
 
-def get_or_create_case(session: Session, study_uid: str, ct_series_uid: str) -> Case:
-    """The case for ``ct_series_uid``, created if new (safe against a concurrent creator)."""
-    case = session.scalar(select(Case).where(Case.ct_series_uid == ct_series_uid))
-    if case is not None:
-        return case
+def get_or_create_case_id(session: Session, study_uid: str, ct_series_uid: str) -> int:
+    """The id of the case for ``ct_series_uid``, created if new (safe against a concurrent creator)."""
+    case_id = session.scalar(select(Case.id).where(Case.ct_series_uid == ct_series_uid))
+    if case_id is not None:
+        return int(case_id)
     try:
         with session.begin_nested():
-            case = Case(study_instance_uid=study_uid, ct_series_uid=ct_series_uid)
-            session.add(case)
-            session.flush()
+            case_id = session.execute(
+                insert(Case).values(study_instance_uid=study_uid, ct_series_uid=ct_series_uid,
+                                    state=CaseState.COLLECTING.value, created_at=utcnow(), last_instance_at=utcnow())
+                .returning(Case.id)
+            ).scalar_one()
     except IntegrityError:
-        case = session.scalars(select(Case).where(Case.ct_series_uid == ct_series_uid)).one()
-    return case
+        case_id = session.scalars(select(Case.id).where(Case.ct_series_uid == ct_series_uid)).one()
+    return int(case_id)
 
 
-def attach_instance(session: Session, instance: Instance, referenced_series: tuple[str, ...]) -> Case | None:
-    """Link a new instance to its case and restart the case's quiet timer."""
-    series_uid = case_series_for(session, instance, referenced_series)
-    if series_uid is None:
-        return None
-    case = get_or_create_case(session, instance.study_instance_uid, series_uid)
-    instance.case_id = case.id
-    case.last_instance_at = utcnow()
-    if case.state == CaseState.INCOMPLETE.value:
-        case.state = CaseState.COLLECTING.value  # late arrivals may complete it
-        case.reason = None
-    elif case.state == CaseState.READY.value:
-        LOG.info("case %s: instance %s arrived after the case was ready", case.id, instance.sop_instance_uid)
-    return case
+def touch_case(session: Session, case_id: int, now: dt.datetime) -> None:
+    """Restart a case's quiet timer; a late instance reopens an incomplete case."""
+    incomplete = Case.state == CaseState.INCOMPLETE.value
+    session.execute(
+        update(Case).where(Case.id == case_id).values(
+            last_instance_at=now,
+            state=sql_case((incomplete, CaseState.COLLECTING.value), else_=Case.state),
+            reason=sql_case((incomplete, None), else_=Case.reason),
+        )
+    )
 
 
 def missing_references(session: Session, case_id: int) -> tuple[int, int, int]:
