@@ -135,9 +135,19 @@ def build_case_tasks(cohort: Cohort, groups: Sequence[str], feature_mask: str = 
 _WORKER_POSITION_MAP = None
 
 
+def _single_threaded() -> None:
+    """One BLAS/OpenMP thread per worker process: the pool already uses every core."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
+
+
 def _init_worker(position_map_json: str | None) -> None:
     global _WORKER_POSITION_MAP
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _single_threaded()
     # pyradiomics logs a traceback for each undefined descriptor (e.g. GLCM MCC on a flat crop); the
     # feature library already replaces those by flagged fallbacks, so keep the console readable.
     logging.getLogger("radiomics").setLevel(logging.CRITICAL)
@@ -230,7 +240,7 @@ def extract_feature_table(
     meter = Progress("features", n_slices, enabled=progress)
     results: list[tuple[CaseTask, list]] = []
     if workers == 1:
-        _init_worker(position_json)
+        _init_worker(position_json)  # in this process: the same settings as a pool worker
         for task in tasks:
             results.append((task, extract_case(task)))
             meter.advance(len(task.slices))
@@ -308,8 +318,8 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def make_ridge(inner_groups_splits: int = 5):
-    """Pipeline: signed-log1p -> standardise -> Ridge; alpha picked by a grouped inner CV in fit."""
+def make_ridge():
+    """Pipeline: signed-log1p -> standardise -> Ridge (alpha set by ``select_alpha_grouped``)."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
     from sklearn.linear_model import Ridge
@@ -317,20 +327,51 @@ def make_ridge(inner_groups_splits: int = 5):
     return make_pipeline(FunctionTransformer(signed_log1p), StandardScaler(), Ridge())
 
 
-def _fit_ridge_grouped(x: np.ndarray, y: np.ndarray, patients: np.ndarray, inner_splits: int):
-    from sklearn.model_selection import GridSearchCV, GroupKFold
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = train.mean(axis=0)
+    scale = train.std(axis=0)
+    scale[scale == 0] = 1.0  # as StandardScaler: a constant column stays constant (zero)
+    return (train - mean) / scale, (test - mean) / scale
+
+
+def ridge_path_predictions(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                           alphas: Sequence[float]) -> np.ndarray:
+    """Predictions on ``x_test`` of Ridge fits (with intercept) for every alpha, shape (alphas, n_test).
+
+    With centred, standardised X = U S Vᵀ: w(α) = V diag(s / (s² + α)) Uᵀ (y − ȳ), ŷ = ȳ + X_test w(α);
+    one SVD serves the whole alpha grid (the same solution as sklearn's Ridge).
+    """
+    train, test = _standardise(x_train, x_test)
+    centre = train.mean(axis=0)
+    train, test = train - centre, test - centre
+    y_mean = float(y_train.mean())
+    u, singular, vt = np.linalg.svd(train, full_matrices=False)
+    projected = u.T @ (y_train - y_mean)
+    test_v = test @ vt.T
+    shrink = singular[None, :] / (singular[None, :] ** 2 + np.asarray(alphas)[:, None])
+    return y_mean + (shrink * projected[None, :]) @ test_v.T
+
+
+def select_alpha_grouped(x: np.ndarray, y: np.ndarray, patients: np.ndarray, inner_splits: int,
+                         alphas: Sequence[float] = RIDGE_ALPHAS) -> float:
+    """The alpha with the lowest mean absolute error over an inner patient-grouped CV (GroupKFold)."""
+    from sklearn.model_selection import GroupKFold
 
     n_groups = len(np.unique(patients))
     if n_groups < 2:
-        model = make_ridge().set_params(ridge__alpha=1.0)
-        return model.fit(x, y)
-    search = GridSearchCV(
-        make_ridge(), {"ridge__alpha": list(RIDGE_ALPHAS)},
-        cv=GroupKFold(n_splits=min(inner_splits, n_groups)),
-        scoring="neg_mean_absolute_error", n_jobs=1,
-    )
-    search.fit(x, y, groups=patients)
-    return search.best_estimator_
+        return 1.0
+    transformed = signed_log1p(x)
+    errors = np.zeros(len(alphas))
+    for train, test in GroupKFold(n_splits=min(inner_splits, n_groups)).split(x, y, groups=patients):
+        predictions = np.clip(ridge_path_predictions(transformed[train], y[train], transformed[test], alphas), 0, 1)
+        errors += np.abs(predictions - y[test][None, :]).sum(axis=1)
+    return float(alphas[int(np.argmin(errors))])
+
+
+def _fit_ridge_grouped(x: np.ndarray, y: np.ndarray, patients: np.ndarray, inner_splits: int):
+    """The scikit-learn pipeline (signed-log1p, StandardScaler, Ridge) at the inner-CV alpha."""
+    alpha = select_alpha_grouped(x, y, patients, inner_splits)
+    return make_ridge().set_params(ridge__alpha=alpha).fit(x, y)
 
 
 @dataclass
@@ -434,7 +475,7 @@ def analyze_table(
     groups = [g for g in TABLE_GROUPS if g in table.groups] + [g for g in table.groups if g not in TABLE_GROUPS]
     meter = Progress("ridge", len(groups) * len(folds), enabled=progress)
     workers = max(1, workers or os.cpu_count() or 1)
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) if workers > 1 else None
     try:
         for group in groups:
             x, names = table.group_matrix(group)

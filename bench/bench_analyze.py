@@ -1,0 +1,103 @@
+"""Benchmark: `qcgate analyze` on the real LIDC set, wall time at 1 and 2 worker processes.
+
+Run from the repository root:
+
+    .venv/bin/python bench/bench_analyze.py            # print the figures
+    .venv/bin/python bench/bench_analyze.py --write    # and replace the "## Analyze" section of BENCHMARKS.md
+
+Each configuration runs the real command line (`qcgate analyze ../shared/data/lidc --out TMP
+--workers N --quiet`) in a fresh process, ``--repeats`` times; the table shows the median and the
+range. Only the "## Analyze" section of BENCHMARKS.md is touched; other sections are kept as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LIDC = Path("..") / "shared" / "data" / "lidc"  # relative to the repository root
+SECTION = "## Analyze"
+
+
+def run_once(workers: int, extra: list[str]) -> tuple[float, str]:
+    with tempfile.TemporaryDirectory(prefix="bench_analyze_") as out:
+        command = [str(REPO / ".venv" / "bin" / "qcgate"), "analyze", str(LIDC), "--out", out,
+                   "--workers", str(workers), "--quiet", *extra]
+        started = time.perf_counter()
+        completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - started
+        if completed.returncode != 0:
+            sys.exit(f"analyze failed ({completed.returncode}):\n{completed.stderr}")
+        return elapsed, completed.stdout
+
+
+def replace_section(text: str, body: str) -> str:
+    """Replace (or append) the "## Analyze" section, up to the next "## " heading."""
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{SECTION}\n\n{body.rstrip()}\n\n"
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + ("\n" if text else "# Benchmarks\n\n") + block
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="update the Analyze section of BENCHMARKS.md")
+    parser.add_argument("--max-patients", type=int, default=None, help="subset, for a quick check")
+    args = parser.parse_args()
+    extra = [] if args.max_patients is None else ["--max-patients", str(args.max_patients)]
+    results: dict[int, list[float]] = {}
+    summary_line = ""
+    for workers in args.workers:
+        for _ in range(args.repeats):
+            elapsed, stdout = run_once(workers, extra)
+            results.setdefault(workers, []).append(elapsed)
+            summary_line = stdout.splitlines()[0] if stdout else summary_line
+            print(f"workers={workers}: {elapsed:.1f} s", flush=True)
+    base = statistics.median(results[args.workers[0]])
+    subset = "" if args.max_patients is None else f" --max-patients {args.max_patients}"
+    rows = [
+        "| workers | wall time (median) | range | speed-up vs 1 |",
+        "|---|---|---|---|",
+    ]
+    for workers, times in results.items():
+        median = statistics.median(times)
+        rows.append(f"| {workers} | {median:.1f} s | {min(times):.1f}–{max(times):.1f} s | {base / median:.2f}× |")
+    body = "\n".join([
+        "`qcgate analyze` on the real LIDC masks (geometry group, 10-fold patient-grouped CV), "
+        "whole command wall time including start-up, feature extraction, Ridge CV and writing outputs.",
+        "",
+        f"Command (from the repository root): `.venv/bin/python bench/bench_analyze.py{' --repeats ' + str(args.repeats) if args.repeats != 1 else ''}{subset}`, "
+        f"which runs `qcgate analyze ../shared/data/lidc --out TMP --workers N --quiet{subset}` for N in "
+        f"{', '.join(map(str, args.workers))}.",
+        "",
+        f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Python {platform.python_version()}; "
+        f"shared with other jobs, so expect noise. Run: {summary_line}",
+        "",
+        *rows,
+    ])
+    print()
+    print(body)
+    if args.write:
+        path = REPO / "BENCHMARKS.md"
+        text = path.read_text() if path.exists() else ""
+        path.write_text(replace_section(text, body))
+        print(f"\nwrote the {SECTION} section of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
