@@ -10,6 +10,7 @@ All functions return ``nan`` when undefined (empty region); the caller turns tha
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -74,6 +75,19 @@ def variance_of_laplacian(crop: np.ndarray, crop_region: np.ndarray) -> float:
     return float(np.var(laplacian[crop_region]))
 
 
+@lru_cache(maxsize=512)
+def _frequency_bands(shape: tuple[int, int], cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of 0 < |f| ≤ cutoff and |f| > cutoff on an FFT grid of ``shape`` (cached: crops repeat sizes)."""
+    freq_r = np.fft.fftfreq(shape[0])[:, None]
+    freq_c = np.fft.fftfreq(shape[1])[None, :]
+    radial = np.sqrt(freq_r**2 + freq_c**2)
+    low_band = (radial > 0) & (radial <= cutoff)
+    high_band = radial > cutoff
+    low_band.setflags(write=False)
+    high_band.setflags(write=False)
+    return low_band, high_band
+
+
 def fourier_snr_db(array: np.ndarray, cutoff: float = FOURIER_SNR_CUTOFF) -> float:
     """Low-to-high-frequency power ratio of a 2-D array, in dB.
 
@@ -86,12 +100,11 @@ def fourier_snr_db(array: np.ndarray, cutoff: float = FOURIER_SNR_CUTOFF) -> flo
     data = np.asarray(array, dtype=np.float64)
     if data.ndim != 2 or data.size < 4:
         return math.nan
-    power = np.abs(np.fft.fft2(data - data.mean())) ** 2
-    freq_r = np.fft.fftfreq(data.shape[0])[:, None]
-    freq_c = np.fft.fftfreq(data.shape[1])[None, :]
-    radial = np.sqrt(freq_r**2 + freq_c**2)
-    low = float(power[(radial > 0) & (radial <= cutoff)].sum())
-    high = float(power[radial > cutoff].sum())
+    spectrum = np.fft.fft2(data - data.mean())
+    power = spectrum.real**2 + spectrum.imag**2
+    low_band, high_band = _frequency_bands(data.shape, cutoff)
+    low = float(power[low_band].sum())
+    high = float(power[high_band].sum())
     scale = float(power.sum())
     # A constant array leaves only FFT round-off (relative to its own magnitude): no power at all.
     if scale <= 1e-20 * max(float(np.sum(data * data)), 1e-300) or scale <= 0.0:

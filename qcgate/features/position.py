@@ -28,6 +28,16 @@ FORMAT_NAME = "qcgate.position_frequency_map"
 FORMAT_VERSION = 1
 
 
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero(mask), scanning only the mask's bounding box (a lesion is small in a 512² frame)."""
+    rows_any = np.flatnonzero(mask.any(axis=1))
+    if rows_any.size == 0:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+    r0, r1 = int(rows_any[0]), int(rows_any[-1]) + 1
+    rows, cols = np.nonzero(mask[r0:r1])
+    return rows + r0, cols
+
+
 def _reference_box(
     mask_shape: tuple[int, int],
     lung_mask: np.ndarray | None,
@@ -63,7 +73,7 @@ def normalised_cells(
     if lung_mask is not None and np.shape(lung_mask) != lesion.shape:
         raise ValueError("lung mask and lesion mask must have the same shape (the same crop)")
     r0, r1, c0, c1 = _reference_box(lesion.shape, lung_mask, frame_shape, offset)
-    rows, cols = np.nonzero(lesion)
+    rows, cols = _nonzero(lesion)
     u = (rows + offset[0] - r0 + 0.5) / max(r1 - r0, 1.0)
     v = (cols + offset[1] - c0 + 0.5) / max(c1 - c0, 1.0)
     cell_r = np.clip(np.floor(u * grid_size), 0, grid_size - 1).astype(np.intp)
