@@ -44,7 +44,7 @@ def print_rows(rows: list[dict[str, Any]], columns: list[str], output_format: st
 
 def _audit_cases(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    engine = create_db_engine(settings.database_url)
+    engine = create_db_engine(settings.database_url, must_exist=True)
     if not is_current(engine):
         raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}: run `qcgate db upgrade` or `qcgate serve` first")
     with make_session_factory(engine)() as session:

@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from qcgate.errors import ConfigError
+from qcgate.errors import ConfigError, QcgateError
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -26,14 +26,20 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def create_db_engine(url: str) -> Engine:
-    """Create an engine for ``url``; SQLite parent directories are created."""
+def create_db_engine(url: str, *, must_exist: bool = False) -> Engine:
+    """Create an engine for ``url``; SQLite parent directories are created.
+
+    With ``must_exist`` (read-only commands), a missing SQLite file is an error instead of being
+    created empty.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"database url {url!r} is not a valid SQLAlchemy URL: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
+            if must_exist and not Path(parsed.database).exists():
+                raise QcgateError(f"no qcgate database at {parsed.database}: run `qcgate db upgrade` or `qcgate serve` first")
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
