@@ -74,22 +74,33 @@ def lung_mask_from_hu(
     box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
     local = np.pad(lungs[box], pad)  # padding keeps a lung touching the frame from being eroded by it
     closed = ndimage.binary_closing(local, structure=_disc(closing_radius_px))
-    filled = _fill_holes(closed)[pad:-pad, pad:-pad]
-    result = np.zeros(image.shape, dtype=bool)
-    result[box] = filled
+    filled_padded = _fill_holes(closed)
+    filled = filled_padded[pad:-pad, pad:-pad]
     if step == 1:
+        result = np.zeros(full.shape, dtype=bool)
+        result[box] = filled
         return result
-    upsampled = _upsample(result, step, full.shape)
+    # Upsample only the lungs' box (the rest of the frame is background).
+    full_box = (
+        slice(box[0].start * step, min(box[0].stop * step, full.shape[0])),
+        slice(box[1].start * step, min(box[1].stop * step, full.shape[1])),
+    )
+    box_shape = (full_box[0].stop - full_box[0].start, full_box[1].stop - full_box[1].start)
+    coarse = _upsample(filled, step, box_shape)
     # Sharpen the blocky outline: in the outermost coarse pixel ring keep only air (HU < threshold).
-    interior = _upsample(ndimage.binary_erosion(result, border_value=0), step, full.shape)
-    boundary = upsampled & ~interior
-    upsampled[boundary] = full[boundary] < threshold
-    return upsampled
+    interior = _upsample(ndimage.binary_erosion(filled_padded, border_value=0)[pad:-pad, pad:-pad], step, box_shape)
+    boundary = coarse & ~interior
+    coarse[boundary] = full[full_box][boundary] < threshold
+    result = np.zeros(full.shape, dtype=bool)
+    result[full_box] = coarse
+    return result
 
 
-def _upsample(mask: np.ndarray, step: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Pixel repetition by ``step``, cut to ``shape``."""
-    return np.ascontiguousarray(np.repeat(np.repeat(mask, step, axis=0), step, axis=1)[: shape[0], : shape[1]])
+def _upsample(mask: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
+    """Pixel repetition by ``step`` (a broadcast view copied once), cut to ``shape``."""
+    rows, cols = mask.shape
+    repeated = np.broadcast_to(mask[:, None, :, None], (rows, step, cols, step)).reshape(rows * step, cols * step)
+    return np.ascontiguousarray(repeated[: shape[0], : shape[1]])
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
