@@ -108,12 +108,16 @@ def _feature_mask(case: Case, index: int, feature_mask: str) -> np.ndarray:
     return case.feature_mask(index)
 
 
-def build_case_tasks(cohort: Cohort, groups: Sequence[str], feature_mask: str = "reference") -> list[CaseTask]:
-    """One task per case with every lesion slice whose DSC Lesion is defined."""
+def build_case_tasks(cohort: Cohort, groups: Sequence[str], feature_mask: str = "reference",
+                     min_readers: int = 1) -> list[CaseTask]:
+    """One task per case with every lesion slice whose DSC Lesion is defined and on which at least
+    ``min_readers`` readers drew."""
     tasks = []
     for case in cohort.cases:
         slices = []
         for index in case.lesion_slices():
+            if sum(bool(m[index].any()) for m in case.reader_masks.values()) < min_readers:
+                continue
             target = case.dsc_lesion(index)
             if target is None:
                 continue
@@ -221,6 +225,7 @@ def extract_feature_table(
     workers: int | None = None,
     feature_mask: str = "reference",
     progress: bool = True,
+    min_readers: int = 1,
 ) -> FeatureTable:
     """Extract every group that the cohort's data allows for every analysable lesion slice."""
     from qcgate.features import ALL_GROUPS
@@ -230,7 +235,7 @@ def extract_feature_table(
         if not any(c.ai_probabilities is not None and c.ai_probabilities.shape[0] >= 2 for c in cohort.cases):
             groups = [g for g in groups if g != "uncertainty"]
     groups = tuple(groups)
-    tasks = build_case_tasks(cohort, groups, feature_mask)
+    tasks = build_case_tasks(cohort, groups, feature_mask, min_readers)
     if not tasks:
         raise InputError(f"{cohort.source or cohort.name}: no lesion slice with a defined DSC Lesion to analyse")
     position_map = fit_position_map(cohort, feature_mask) if "geometry" in groups else None
@@ -665,12 +670,12 @@ def _report(result: AnalysisResult, command: str) -> str:
 def run_analysis(
     cohort: Cohort, out: Path, *, n_folds: int | None = 10, workers: int | None = None,
     feature_mask: str = "reference", groups: Sequence[str] | None = None, progress: bool = True,
-    command: str = "", printer: Callable[[str], None] = print,
+    command: str = "", printer: Callable[[str], None] = print, min_readers: int = 1,
 ) -> AnalysisResult:
     """Extract, analyse, write every output and print Table 2."""
     started = time.monotonic()
     table = extract_feature_table(cohort, groups=groups, workers=workers, feature_mask=feature_mask,
-                                  progress=progress)
+                                  progress=progress, min_readers=min_readers)
     extracted = time.monotonic()
     result = analyze_table(table, n_folds=n_folds, workers=workers, progress=progress,
                            synthetic=cohort.synthetic, cohort_name=cohort.name)

@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="analyse only the first N patients (sorted ids), for quick runs")
     analyze.add_argument("--feature-mask", choices=("reference", "ai"), default="reference",
                          help="mask the features describe: the reference reader's (default) or the AI ensemble's")
+    analyze.add_argument("--min-readers", type=_positive_int, default=1,
+                         help="analyse only slices on which at least N readers drew (default 1: every lesion slice)")
     analyze.add_argument("--skip-bad-cases", action="store_true",
                          help="skip unreadable case files with a warning instead of stopping")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -88,7 +90,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     cohort = load_cohort(args.cohort, max_patients=args.max_patients, skip_bad_cases=args.skip_bad_cases)
     command = "qcgate analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     run_analysis(cohort, args.out, n_folds=None if args.folds == 0 else args.folds, workers=args.workers,
-                 feature_mask=args.feature_mask, progress=not args.quiet, command=command)
+                 feature_mask=args.feature_mask, progress=not args.quiet, command=command,
+                 min_readers=args.min_readers)
     return 0
 
 
