@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from radiomics import cMatrices, imageoperations
+from radiomics import cMatrices
 
 EPS = float(np.spacing(1))
 
@@ -36,9 +36,23 @@ def discretise(image: np.ndarray, mask: np.ndarray, bin_width: float) -> np.ndar
     X_b = digitize(X, edges), edges = W·⌊min X / W⌋ + k·W — i.e. X_b = ⌊X/W⌋ − ⌊min X/W⌋ + 1."""
     binned = np.zeros(image.shape, dtype=int)
     values = image[mask]
-    edges = imageoperations.getBinEdges(values, binWidth=bin_width)
-    binned[mask] = np.digitize(values, edges)
+    if values.size == 0:
+        return binned
+    binned[mask] = np.digitize(values, bin_edges(values, bin_width))
     return binned
+
+
+def bin_edges(values: np.ndarray, bin_width: float) -> np.ndarray:
+    """``imageoperations.getBinEdges`` (fixed bin width) with numpy reductions instead of Python's
+    builtin min/max over the array (cost): edges = L, L + W, … < max + 2W with L = min − (min mod W);
+    a single edge (flat region) becomes [L − ½, L + ½]."""
+    minimum = values.min()
+    maximum = values.max()
+    low_bound = minimum - (minimum % bin_width)
+    edges = np.arange(low_bound, maximum + 2 * bin_width, bin_width)
+    if len(edges) == 1:
+        return np.array([edges[0] - 0.5, edges[0] + 0.5])
+    return edges
 
 
 def _linear_percentiles(sorted_values: np.ndarray, percents: tuple[float, ...]) -> list[float]:

@@ -77,3 +77,21 @@ def test_descriptors_wrapper_matches_full_frame_pyradiomics() -> None:
     )
     for name, expected in theirs.items():
         assert ours[name] == pytest.approx(expected, rel=1e-9), name
+
+
+def test_bin_edges_equal_pyradiomics() -> None:
+    from radiomics import imageoperations
+
+    from qcgate.features.radiomics_numpy import bin_edges
+
+    rng = np.random.default_rng(11)
+    samples = [
+        rng.normal(-500, 300, 200).round(),
+        rng.normal(0, 10, 50),
+        np.array([-1000.0]),
+        np.array([50.0, 50.0]),
+        np.array([-25.0, 0.0, 25.0]),
+    ]
+    for values in samples:
+        for width in (25.0, 10.0, 3.7):
+            np.testing.assert_array_equal(bin_edges(values, width), imageoperations.getBinEdges(values, binWidth=width))
