@@ -141,7 +141,8 @@ def extract_slice_features(
     ``image_hu``, ``lung_mask`` and ``uncertainty_map`` share ``lesion_mask``'s shape; ``frame_shape`` and
     ``offset`` (row, col) place that crop in the full frame (used for positional orthodoxy only).
     Image groups are skipped when ``image_hu`` is None, ``uncertainty`` when ``uncertainty_map`` is None.
-    The lung mask (given, or computed from HU) is the orthodoxy's reference box; without one, the frame.
+    Orthodoxy uses the position map's own reference: the lung mask (given, or computed from HU) for a
+    lung-fitted map, the frame for a frame-fitted one (:class:`PositionFrequencyMap`).
     """
     selected = _checked_groups(groups)
     lesion = np.asarray(lesion_mask, dtype=bool)
@@ -154,7 +155,10 @@ def extract_slice_features(
         lung_mask = np.asarray(lung_mask, dtype=bool)
         if lung_mask.shape != lesion.shape:
             raise ValueError(f"lung mask {lung_mask.shape} and lesion mask {lesion.shape} differ in shape")
-    needs_lung = image is not None and ("imaging" in selected or ("geometry" in selected and position_map is not None))
+    needs_lung = image is not None and (
+        "imaging" in selected
+        or ("geometry" in selected and position_map is not None and position_map.reference == "lung")
+    )
     if lung_mask is None and needs_lung:
         assert image is not None
         lung_mask = lung_mask_from_hu(image)
@@ -177,8 +181,7 @@ def extract_slice_features(
         elif group == "geometry":
             orthodoxy = None
             if position_map is not None:
-                reference = lung_mask if lung_mask is not None and lung_mask.any() else None
-                value = position_map.orthodoxy(lesion, reference, frame_shape=frame_shape, offset=offset)
+                value = position_map.orthodoxy(lesion, lung_mask, frame_shape=frame_shape, offset=offset)
                 orthodoxy = value if math.isfinite(value) else None
             results[group] = geometry_features(lesion, pixel_spacing, orthodoxy)
         elif group == "uncertainty":

@@ -11,6 +11,11 @@ Orthodoxy of a lesion = mean over its pixels of F(cell(x)) / max F, in [0, 1].
 
 Masks may be crops of a larger frame: ``frame_shape`` is the full frame's shape and ``offset`` the
 (row, col) of the crop's top-left corner in it. The map is stored as JSON (never pickle).
+
+A map remembers its ``reference`` ("lung" when fitted with lung masks, "frame" without — mixing is
+refused): a frame-fitted map (LIDC, no CT) ignores lung masks at scoring time, and a lung-fitted map
+scores nan (→ fallback + flag) for a slice without a usable lung mask, so the two coordinate systems are
+never mixed silently.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from scipy import ndimage
 
 FORMAT_NAME = "qcgate.position_frequency_map"
 FORMAT_VERSION = 1
+REFERENCES = ("lung", "frame")
 
 
 def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +95,11 @@ class PositionFrequencyMap:
     smoothing_sigma: float = 1.0
     frequency: np.ndarray = field(default_factory=lambda: np.zeros((32, 32)))
     n_lesions: int = 0
+    reference: str = "frame"
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         self.frequency = np.asarray(self.frequency, dtype=np.float64)
         if self.frequency.shape != (self.grid_size, self.grid_size):
             if self.n_lesions == 0 and not np.any(self.frequency):
@@ -117,9 +126,13 @@ class PositionFrequencyMap:
         """
         counts = np.zeros((grid_size, grid_size), dtype=np.float64)
         n_lesions = 0
+        references: set[str] = set()
         offset_iter = iter(offsets) if offsets is not None else None
         for lesion_mask, lung_mask in samples:
             offset = next(offset_iter) if offset_iter is not None else (0, 0)
+            references.add("lung" if lung_mask is not None and np.any(lung_mask) else "frame")
+            if len(references) > 1:
+                raise ValueError("fit either with lung masks for every sample or for none (frame coordinates)")
             cell_r, cell_c = normalised_cells(
                 lesion_mask, grid_size, lung_mask=lung_mask, frame_shape=frame_shape, offset=offset
             )
@@ -131,7 +144,13 @@ class PositionFrequencyMap:
             n_lesions += 1
         if smoothing_sigma > 0:
             counts = ndimage.gaussian_filter(counts, smoothing_sigma, mode="constant")
-        return cls(grid_size=grid_size, smoothing_sigma=smoothing_sigma, frequency=counts, n_lesions=n_lesions)
+        return cls(
+            grid_size=grid_size,
+            smoothing_sigma=smoothing_sigma,
+            frequency=counts,
+            n_lesions=n_lesions,
+            reference=references.pop() if references else "frame",
+        )
 
     def orthodoxy(
         self,
@@ -141,8 +160,13 @@ class PositionFrequencyMap:
         frame_shape: tuple[int, int] | None = None,
         offset: tuple[int, int] = (0, 0),
     ) -> float:
-        """Orthodoxy = (1/|L|) Σ_{x∈L} F(cell(x)) / max F ∈ [0, 1]; nan for an empty lesion or an empty map."""
+        """Orthodoxy = (1/|L|) Σ_{x∈L} F(cell(x)) / max F ∈ [0, 1]; nan for an empty lesion, an empty map,
+        or a lung-fitted map given no (or an empty) lung mask. A frame-fitted map ignores ``lung_mask``."""
         peak = float(self.frequency.max()) if self.frequency.size else 0.0
+        if self.reference == "frame":
+            lung_mask = None
+        elif lung_mask is None or not np.any(lung_mask):
+            return math.nan
         cell_r, cell_c = normalised_cells(
             lesion_mask, self.grid_size, lung_mask=lung_mask, frame_shape=frame_shape, offset=offset
         )
@@ -151,7 +175,7 @@ class PositionFrequencyMap:
         return float(np.clip(self.frequency[cell_r, cell_c].mean() / peak, 0.0, 1.0))
 
     def to_json(self) -> str:
-        """JSON text: format, version, grid_size, smoothing_sigma, n_lesions, frequency (row lists)."""
+        """JSON text: format, version, grid_size, smoothing_sigma, n_lesions, reference, frequency (row lists)."""
         return json.dumps(
             {
                 "format": FORMAT_NAME,
@@ -159,6 +183,7 @@ class PositionFrequencyMap:
                 "grid_size": self.grid_size,
                 "smoothing_sigma": self.smoothing_sigma,
                 "n_lesions": self.n_lesions,
+                "reference": self.reference,
                 "frequency": self.frequency.tolist(),
             }
         )
@@ -174,6 +199,7 @@ class PositionFrequencyMap:
             smoothing_sigma=float(payload["smoothing_sigma"]),
             frequency=np.asarray(payload["frequency"], dtype=np.float64),
             n_lesions=int(payload["n_lesions"]),
+            reference=str(payload["reference"]),
         )
 
     def save(self, path: str | Path) -> None:

@@ -132,3 +132,13 @@ def test_feature_vector_rules() -> None:
         FeatureVector("g", ("other.a",), np.array([1.0]))
     with pytest.raises(ValueError):
         FeatureVector("g", ("g.a",), np.array([1.0]), ("g.zzz",))
+
+
+def test_lung_fitted_position_map_uses_the_computed_lung_mask(phantom: ChestPhantom) -> None:
+    position_map = PositionFrequencyMap.fit([(phantom.lesion, phantom.lungs)])
+    result = extract_slice_features(phantom.image, phantom.lesion, SPACING, position_map=position_map, groups=["geometry"])
+    assert result["geometry"].flags == ()
+    assert result["geometry"].as_dict()["geometry.positional_orthodoxy"] > 0.9
+    # Without an image there is no lung mask: the lung-fitted map cannot score, orthodoxy falls back.
+    mask_only = extract_slice_features(None, phantom.lesion, SPACING, position_map=position_map)
+    assert mask_only["geometry"].flags == ("geometry.positional_orthodoxy",)

@@ -125,3 +125,19 @@ def test_uncertainty_vector_names_and_empty_mask() -> None:
     nan_map = np.full((32, 32), np.nan)
     fallback = uncertainty_features(nan_map, np.ones((32, 32), bool))
     assert set(fallback.flags) == set(fallback.names) and np.all(fallback.values == 0.0)
+
+
+def test_reference_kind_is_kept_and_never_mixed(tmp_path: Path) -> None:
+    lung = np.zeros(FRAME, bool)
+    lung[100:400, 60:460] = True
+    lesion = disc(FRAME, (150, 120), 8)
+    lung_map = PositionFrequencyMap.fit([(lesion, lung)])
+    frame_map = PositionFrequencyMap.fit([(lesion, None)])
+    assert (lung_map.reference, frame_map.reference) == ("lung", "frame")
+    with pytest.raises(ValueError):
+        PositionFrequencyMap.fit([(lesion, lung), (lesion, None)])
+    # A lung-fitted map cannot score without a lung mask; a frame-fitted one ignores a lung mask.
+    assert math.isnan(lung_map.orthodoxy(lesion))
+    assert frame_map.orthodoxy(lesion, lung) == frame_map.orthodoxy(lesion)
+    lung_map.save(tmp_path / "lung.json")
+    assert PositionFrequencyMap.load(tmp_path / "lung.json").reference == "lung"
