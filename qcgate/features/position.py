@@ -12,8 +12,8 @@ Orthodoxy of a lesion = mean over its pixels of F(cell(x)) / max F, in [0, 1].
 Masks may be crops of a larger frame: ``frame_shape`` is the full frame's shape and ``offset`` the
 (row, col) of the crop's top-left corner in it. The map is stored as JSON (never pickle).
 
-A map remembers its ``reference`` ("lung" when fitted with lung masks, "frame" without — mixing is
-refused): a frame-fitted map (LIDC, no CT) ignores lung masks at scoring time, and a lung-fitted map
+A map remembers its ``reference``: "lung" when any training sample has a (non-empty) lung mask — samples
+without one are then left out — else "frame". A frame-fitted map (LIDC, no CT) ignores lung masks at scoring time, and a lung-fitted map
 scores nan (→ fallback + flag) for a slice without a usable lung mask, so the two coordinate systems are
 never mixed silently.
 """
@@ -119,20 +119,22 @@ class PositionFrequencyMap:
         frame_shape: tuple[int, int] | None = None,
         offsets: Iterable[tuple[int, int]] | None = None,
     ) -> PositionFrequencyMap:
-        """Fit from (lesion_mask, lung_mask or None) pairs.
+        """Fit from (lesion_mask, lung_mask or None) pairs (reference rule in the module docstring).
 
         F = G_σ * Σ_lesions h_l,  h_l(cell) = #{x ∈ L_l : cell(x) = cell} / |L_l|  (empty lesions skipped).
         ``offsets`` (one per sample) and ``frame_shape`` place cropped masks in their full frame.
         """
         counts = np.zeros((grid_size, grid_size), dtype=np.float64)
         n_lesions = 0
-        references: set[str] = set()
-        offset_iter = iter(offsets) if offsets is not None else None
-        for lesion_mask, lung_mask in samples:
-            offset = next(offset_iter) if offset_iter is not None else (0, 0)
-            references.add("lung" if lung_mask is not None and np.any(lung_mask) else "frame")
-            if len(references) > 1:
-                raise ValueError("fit either with lung masks for every sample or for none (frame coordinates)")
+        pairs = list(samples)
+        offset_list = list(offsets) if offsets is not None else [(0, 0)] * len(pairs)
+        if len(offset_list) != len(pairs):
+            raise ValueError(f"{len(offset_list)} offsets for {len(pairs)} samples")
+        has_lung = [lung is not None and bool(np.any(lung)) for _lesion, lung in pairs]
+        reference = "lung" if any(has_lung) else "frame"
+        for (lesion_mask, lung_mask), offset, with_lung in zip(pairs, offset_list, has_lung):
+            if reference == "lung" and not with_lung:
+                continue  # would need frame coordinates: skipped, never mixed into a lung-coordinate map
             cell_r, cell_c = normalised_cells(
                 lesion_mask, grid_size, lung_mask=lung_mask, frame_shape=frame_shape, offset=offset
             )
@@ -149,7 +151,7 @@ class PositionFrequencyMap:
             smoothing_sigma=smoothing_sigma,
             frequency=counts,
             n_lesions=n_lesions,
-            reference=references.pop() if references else "frame",
+            reference=reference,
         )
 
     def orthodoxy(

@@ -134,8 +134,11 @@ def test_reference_kind_is_kept_and_never_mixed(tmp_path: Path) -> None:
     lung_map = PositionFrequencyMap.fit([(lesion, lung)])
     frame_map = PositionFrequencyMap.fit([(lesion, None)])
     assert (lung_map.reference, frame_map.reference) == ("lung", "frame")
-    with pytest.raises(ValueError):
-        PositionFrequencyMap.fit([(lesion, lung), (lesion, None)])
+    # Mixed training data: the lung-less sample is left out rather than mixed into lung coordinates.
+    far = disc(FRAME, (450, 450), 8)
+    mixed = PositionFrequencyMap.fit([(lesion, lung), (far, None)])
+    assert mixed.reference == "lung" and mixed.n_lesions == 1
+    np.testing.assert_array_equal(mixed.frequency, lung_map.frequency)
     # A lung-fitted map cannot score without a lung mask; a frame-fitted one ignores a lung mask.
     assert math.isnan(lung_map.orthodoxy(lesion))
     assert frame_map.orthodoxy(lesion, lung) == frame_map.orthodoxy(lesion)
