@@ -13,6 +13,7 @@ range. Only the "## Analyze" section of BENCHMARKS.md is touched; other sections
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -26,6 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LIDC = Path("..") / "shared" / "data" / "lidc"  # relative to the repository root
 SECTION = "## Analyze"
+
+
+PHASES = re.compile(r"features (?P<features>[0-9.]+) s, models (?P<models>[0-9.]+) s")
 
 
 def run_once(workers: int, extra: list[str]) -> tuple[float, str]:
@@ -60,22 +64,32 @@ def main() -> int:
     args = parser.parse_args()
     extra = [] if args.max_patients is None else ["--max-patients", str(args.max_patients)]
     results: dict[int, list[float]] = {}
+    phases: dict[int, list[tuple[float, float]]] = {}
+    loads: list[float] = []
     summary_line = ""
-    for workers in args.workers:
-        for _ in range(args.repeats):
+    # Interleave the configurations so that load from other jobs on a shared machine hits both alike.
+    for _ in range(args.repeats):
+        for workers in args.workers:
+            loads.append(os.getloadavg()[0])
             elapsed, stdout = run_once(workers, extra)
             results.setdefault(workers, []).append(elapsed)
             summary_line = stdout.splitlines()[0] if stdout else summary_line
-            print(f"workers={workers}: {elapsed:.1f} s", flush=True)
+            match = PHASES.search(stdout)
+            if match:
+                phases.setdefault(workers, []).append((float(match["features"]), float(match["models"])))
+            print(f"workers={workers}: {elapsed:.1f} s (load {loads[-1]:.1f})", flush=True)
     base = statistics.median(results[args.workers[0]])
     subset = "" if args.max_patients is None else f" --max-patients {args.max_patients}"
     rows = [
-        "| workers | wall time (median) | range | speed-up vs 1 |",
-        "|---|---|---|---|",
+        "| workers | wall time (median) | range | speed-up vs 1 | feature extraction (median) | Ridge CV (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for workers, times in results.items():
         median = statistics.median(times)
-        rows.append(f"| {workers} | {median:.1f} s | {min(times):.1f}–{max(times):.1f} s | {base / median:.2f}× |")
+        features = statistics.median(p[0] for p in phases.get(workers, [(math.nan, math.nan)]))
+        models = statistics.median(p[1] for p in phases.get(workers, [(math.nan, math.nan)]))
+        rows.append(f"| {workers} | {median:.1f} s | {min(times):.1f}–{max(times):.1f} s | {base / median:.2f}× | "
+                    f"{features:.1f} s | {models:.1f} s |")
     body = "\n".join([
         "`qcgate analyze` on the real LIDC masks (geometry group, 10-fold patient-grouped CV), "
         "whole command wall time including start-up, feature extraction, Ridge CV and writing outputs.",
@@ -85,7 +99,8 @@ def main() -> int:
         f"{', '.join(map(str, args.workers))}.",
         "",
         f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Python {platform.python_version()}; "
-        f"shared with other jobs, so expect noise. Run: {summary_line}",
+        f"shared with other engineers' jobs: 1-minute load average before the runs "
+        f"{min(loads):.1f}–{max(loads):.1f}, so wall times are noisy. Run: {summary_line}",
         "",
         *rows,
     ])

@@ -463,6 +463,25 @@ class AnalysisResult:
     baseline_predictions: np.ndarray
     synthetic: bool
     cohort_name: str
+    individual: dict[str, np.ndarray] = field(default_factory=dict)  # reader -> Dice vs the reference
+
+
+def individual_reader_scores(cohort: Cohort, table: FeatureTable) -> dict[str, np.ndarray]:
+    """Each non-reference reader's Dice against the reference on the analysed slices (Fig. 2's
+    "individually"); pairs where both are empty are left out, as in DSC Lesion. Empty without identity."""
+    from qcgate.science.targets import dice
+
+    by_id = {case.case_id: case for case in cohort.cases}
+    scores: dict[str, list[float]] = {}
+    for case_id, index in zip(table.case_ids, table.slice_indices):
+        case = by_id[case_id]
+        if case.reference_reader is None:
+            continue
+        reference = case.reader_masks[case.reference_reader][index]
+        for reader, masks in case.reader_masks.items():
+            if reader != case.reference_reader and (reference.any() or masks[index].any()):
+                scores.setdefault(reader, []).append(dice(masks[index], reference))
+    return {reader: np.asarray(values) for reader, values in scores.items()}
 
 
 def analyze_table(
@@ -595,7 +614,11 @@ def _plot_density(result: AnalysisResult, path: Path) -> None:
     ax.hist(y, bins=40, range=(0, 1), density=True, alpha=0.35, color="tab:blue", label="histogram")
     if len(y) > 2 and np.std(y) > 0:
         grid = np.linspace(0, 1, 201)
-        ax.plot(grid, gaussian_kde(y)(grid), color="tab:blue", label="density (Gaussian KDE)")
+        ax.plot(grid, gaussian_kde(y)(grid), color="tab:blue", label="DSC Lesion (averaged)")
+        for i, (reader, scores) in enumerate(sorted(result.individual.items())):
+            if len(scores) > 2 and np.std(scores) > 0:
+                ax.plot(grid, gaussian_kde(scores)(grid), linewidth=0.9, linestyle=":",
+                        color=plt.get_cmap("Dark2")(i), label=f"{reader} vs reference")
     ax.axvline(float(y.mean()), color="tab:red", linestyle="--", label=f"mean {y.mean():.2f} (global threshold)")
     tag = " — SYNTHETIC data" if result.synthetic else ""
     ax.set_title(f"DSC Lesion per slice, {result.cohort_name}{tag} (n={len(y)})", fontsize=9)
@@ -679,6 +702,7 @@ def run_analysis(
     extracted = time.monotonic()
     result = analyze_table(table, n_folds=n_folds, workers=workers, progress=progress,
                            synthetic=cohort.synthetic, cohort_name=cohort.name)
+    result.individual = individual_reader_scores(cohort, table)
     write_outputs(result, out, command=command)
     tag = "  [SYNTHETIC data]" if cohort.synthetic else ""
     printer(f"{cohort.name}{tag}: {len(table)} lesion slices, {len(set(table.patient_ids))} patients, "

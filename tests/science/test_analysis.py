@@ -97,3 +97,19 @@ def test_analyze_lidc_prints_geometry_row_and_beats_global_mean(tmp_path: Path, 
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "| geometry |" in report and "SYNTHETIC" not in report
+
+
+def test_individual_reader_scores_follow_the_reference() -> None:
+    from qcgate.cohort import Case, Cohort
+    from qcgate.science.analysis import individual_reader_scores
+
+    masks = {r: np.zeros((2, 6, 6), bool) for r in ("R1A", "R1B", "R2")}
+    masks["R1A"][0, :2, :2] = True
+    masks["R1B"][0, :2, :2] = True
+    masks["R2"][0, :2, :1] = True
+    masks["R2"][1, 4:, 4:] = True  # the reference drew nothing here: R2 scores 0, R1B is left out
+    case = Case("C", "P", (1.0, 1.0), masks, reference_reader="R1A", repeat_reader="R1B")
+    table = FeatureTable(["P", "P"], ["C", "C"], [0, 1], np.array([0.8, 0.0]), [], np.zeros((2, 0)))
+    scores = individual_reader_scores(Cohort("x", [case]), table)
+    assert scores["R1B"].tolist() == [1.0]
+    assert scores["R2"] == pytest.approx([2 * 2 / 6, 0.0])
