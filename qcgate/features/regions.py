@@ -91,10 +91,14 @@ def healthy_lung_region(
     lung = np.asarray(lung_mask, dtype=bool)
     if lesion.shape != lung.shape:
         raise ValueError(f"lesion {lesion.shape} and lung {lung.shape} masks differ in shape")
-    dilated = dilate_in_place(lesion, margin_px)
-    if lesion.any():
-        rows, cols = np.nonzero(lesion)
-        center = (int(round(rows.mean())), int(round(cols.mean())))
+    lesion_box = bounding_box(lesion, pad=margin_px)
+    dilated = dilate_in_place(lesion, margin_px, lesion_box)
+    if lesion_box is not None:
+        rows, cols = np.nonzero(lesion[lesion_box])  # scan the lesion's box only (cost)
+        center = (
+            int(round(rows.mean() + lesion_box[0].start)),
+            int(round(cols.mean() + lesion_box[1].start)),
+        )
     else:
         center = (lesion.shape[0] // 2, lesion.shape[1] // 2)
     region = np.zeros_like(lesion)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qcgate.features.intensity import bounding_box
 from qcgate.features.regions import dilate_in_place
 from qcgate.features.vector import FeatureVector, build_vector
 
@@ -71,7 +72,9 @@ def uncertainty_metrics(uncertainty_map: np.ndarray, ai_mask: np.ndarray) -> dic
     um = np.asarray(uncertainty_map, dtype=np.float64)
     if um.shape != np.shape(ai_mask):
         raise ValueError(f"uncertainty map {um.shape} and mask {np.shape(ai_mask)} differ in shape")
-    values = um[uncertainty_region(ai_mask)]
+    region = uncertainty_region(ai_mask)
+    box = bounding_box(region)
+    values = um[box][region[box]] if box is not None else um[region]  # index the region's box only (cost)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return {}
