@@ -9,10 +9,13 @@ Five groups, each a :class:`FeatureVector` with a stable, ordered list of names:
 - ``uncertainty``: metrics of the ensemble's pixel-wise std map (:mod:`uncertainty`).
 
 Image-group descriptors: energy of gradient, variance of Laplacian, Fourier SNR (:mod:`intensity`),
-db2 wavelet descriptors (:mod:`wavelets`) and pyradiomics classes (:mod:`radiomics_features`). To bound
-cost the full set of texture classes runs on the lesion only; the healthy-lung crop and the two rings use
-first order + GLCM (run-length and zone matrices of a 2-pixel ring or a vessel-riddled lung crop repeat
-what GLCM says, at three times the cost).
+db2 wavelet descriptors (:mod:`wavelets`) and pyradiomics features (:mod:`radiomics_features`, computed
+by the equivalent vectorised :mod:`radiomics_numpy`). To bound cost the full set of texture classes runs
+on the lesion only; the healthy-lung crop and the two rings use first order + GLCM (run-length and zone
+matrices of a 2-pixel ring or a vessel-riddled lung crop repeat what GLCM says).
+
+Modules: vector (FeatureVector), geometry, intensity, wavelets, radiomics_features + radiomics_numpy,
+regions, lung, position (PositionFrequencyMap), uncertainty.
 
 Every value is finite: an undefined descriptor gets a documented fallback and its name in ``flags``.
 """

@@ -1,5 +1,5 @@
-"""pyradiomics wrapper: first-order and texture classes (GLCM, GLRLM, GLSZM, GLDM, NGTDM) and shape2D
-on a 2-D region.
+"""pyradiomics configuration and wrapper: first-order and texture classes (GLCM, GLRLM, GLSZM, GLDM,
+NGTDM), and shape2D, on a 2-D region.
 
 The feature formulas are pyradiomics' own (see each class's docstrings, e.g.
 ``radiomics.glcm.RadiomicsGLCM.getContrastFeatureValue``: Contrast = Σ_i Σ_j (i − j)² p(i, j)).
@@ -9,9 +9,12 @@ Configuration (:data:`RADIOMICS_SETTINGS`) — the upstream baseline's settings,
 - ``voxelArrayShift = 2000``: first-order energies use (X + 2000)², positive for HU ≥ −1024;
 - ``force2D = True`` (axis 0), ``distances = [1]``, GLCM symmetrical, no weighting, ``gldm_a = 0``.
 
-We call the feature classes directly on pre-cropped SimpleITK images instead of going through
-``RadiomicsFeatureExtractor``: same maths, none of the extractor's per-call image checks, hashing and
-diagnostics (cost). Each class computes its texture matrix once, in its constructor.
+How it runs (cost): the region is cropped to its box, discretised once, and first order plus the five
+texture classes are computed by :mod:`qcgate.features.radiomics_numpy` — pyradiomics' C matrix code
+with vectorised feature formulas, equal to the pyradiomics classes (tests) and to the upstream baselines.
+shape2D (and the reference path :func:`pyradiomics_class_values`) runs the pyradiomics classes on a
+one-slice 3-D volume: pyradiomics' ``force2D`` on a *2-D* image drops the row axis and builds 1-D
+(horizontal-only) texture matrices.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from functools import lru_cache
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
