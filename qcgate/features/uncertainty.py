@@ -24,12 +24,17 @@ UM_PERCENTILES: tuple[int, ...] = (50, 90, 99)
 UM_ENTROPY_BINS = 50
 UM_ENTROPY_RANGE = (0.0, 0.5)
 
+def _threshold_label(threshold: float) -> str:
+    """0.1 -> "0p1": no dot inside a descriptor name, so ``name.split(".", 1)`` always yields (group, descriptor)."""
+    return f"{threshold:.1f}".replace(".", "p")
+
+
 UNCERTAINTY_DESCRIPTORS: tuple[str, ...] = (
     "um_entropy",
     "um_mean",
     "um_std",
     *(f"um_p{p}" for p in UM_PERCENTILES),
-    *(f"um_frac_gt_{t:.1f}" for t in UM_THRESHOLDS),
+    *(f"um_frac_gt_{_threshold_label(t)}" for t in UM_THRESHOLDS),
 )
 
 
@@ -86,7 +91,7 @@ def uncertainty_metrics(uncertainty_map: np.ndarray, ai_mask: np.ndarray) -> dic
     for p, value in zip(UM_PERCENTILES, np.percentile(values, UM_PERCENTILES)):
         metrics[f"um_p{p}"] = float(value)
     for t in UM_THRESHOLDS:
-        metrics[f"um_frac_gt_{t:.1f}"] = float(np.count_nonzero(values > t) / values.size)
+        metrics[f"um_frac_gt_{_threshold_label(t)}"] = float(np.count_nonzero(values > t) / values.size)
     return metrics
 
 

@@ -44,6 +44,7 @@ def test_all_groups_on_the_phantom(phantom: ChestPhantom) -> None:
 def test_names_are_stable_and_ordered() -> None:
     names = feature_names()
     assert names == feature_names() and len(names) == len(set(names))
+    assert all(name.count(".") == 1 for name in names)  # "group.descriptor", nothing else
     # Order follows ALL_GROUPS whatever order the groups were requested in.
     assert feature_names(["geometry", "texture"]) == feature_names(["texture", "geometry"])
     mask_only = feature_names(with_image=False)

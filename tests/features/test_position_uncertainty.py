@@ -102,16 +102,16 @@ def test_uncertainty_metrics_on_a_known_map() -> None:
     assert metrics["um_mean"] == pytest.approx(0.15) and metrics["um_std"] == pytest.approx(0.0, abs=1e-12)
     assert metrics["um_entropy"] == 0.0
     assert metrics["um_p50"] == metrics["um_p99"] == pytest.approx(0.15)
-    assert metrics["um_frac_gt_0.1"] == 1.0 and metrics["um_frac_gt_0.2"] == 0.0
+    assert metrics["um_frac_gt_0p1"] == 1.0 and metrics["um_frac_gt_0p2"] == 0.0
 
 
 def test_uncertainty_metrics_fractions_and_entropy() -> None:
     mask = np.ones((10, 10), bool)
     um = ((np.arange(100) + 0.5) * 0.005).reshape(10, 10)  # uniform over [0, 0.5), no ties with thresholds
     metrics = uncertainty_metrics(um, mask)
-    assert metrics["um_frac_gt_0.3"] == pytest.approx(0.4)
-    assert metrics["um_frac_gt_0.1"] == pytest.approx(0.8)
-    assert metrics["um_frac_gt_0.2"] == pytest.approx(0.6)
+    assert metrics["um_frac_gt_0p3"] == pytest.approx(0.4)
+    assert metrics["um_frac_gt_0p1"] == pytest.approx(0.8)
+    assert metrics["um_frac_gt_0p2"] == pytest.approx(0.6)
     assert metrics["um_entropy"] == pytest.approx(math.log2(50), abs=1e-9)  # 2 values per bin, 50 bins
     assert metrics["um_p90"] == pytest.approx(np.percentile(um, 90))
 
