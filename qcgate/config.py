@@ -105,6 +105,68 @@ class AssemblySettings(_Section):
         return self
 
 
+class PipelineSettings(_Section):
+    """The QC jobs: which model sets the thresholds and how verdicts are reached."""
+
+    model: str = Field(default="lidc-geometry", description="a directory under models/, or a path")
+    workers: int = Field(default=1, ge=0, le=64, description="processes in the local job pool; 0: this process only queues jobs")
+    job_timeout_seconds: float = Field(default=900.0, gt=0)
+    max_job_attempts: int = Field(default=3, ge=1, description="a job interrupted this often is failed")
+    margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin; default the model's validation MAE")
+    series_policy: str = Field(default="strict", description="strict | fraction")
+    reject_fraction: float = Field(default=0.25, gt=0, le=1, description="for series_policy = fraction")
+    lesion_segment_labels: list[str] = Field(default_factory=lambda: ["lesion"])
+    write_report: bool = True
+
+    @field_validator("series_policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        if value not in {"strict", "fraction"}:
+            raise ValueError(f"{value!r} is not one of strict, fraction")
+        return value
+
+
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+
+
+class Destination(BaseModel):
+    """A C-STORE SCP that receives the outputs, written AE@HOST:PORT."""
+
+    model_config = ConfigDict(frozen=True)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        match = _DESTINATION.match(text.strip())
+        if not match:
+            raise ValueError(f"{text!r} is not AE@HOST:PORT")
+        return cls(ae_title=_check_ae_title(match["ae"]), host=match["host"], port=int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class DeliverySettings(_Section):
+    """Where the SEG and SR go, and how hard to try."""
+
+    destinations: list[str] = Field(default_factory=list, description="AE@HOST:PORT entries")
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_base_seconds: float = Field(default=5.0, gt=0)
+    backoff_max_seconds: float = Field(default=900.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, values: list[str]) -> list[str]:
+        return [str(Destination.parse(v)) for v in values]
+
+    def parsed_destinations(self) -> list[Destination]:
+        return [Destination.parse(v) for v in self.destinations]
+
+
 class LoggingSettings(_Section):
     level: str = "INFO"
     json_format: bool = False
@@ -125,6 +187,8 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

@@ -166,6 +166,9 @@ def make_gate(tmp_path: Path, db_url: str) -> Iterator[Any]:
             "storage": {"data_dir": str(data_dir), "min_free_mb": 1, **sections.get("storage", {})},
             "database": {"url": db_url},
             "assembly": {"stable_seconds": 1.0, "poll_interval_seconds": 0.2, "incomplete_timeout_seconds": 30, **sections.get("assembly", {})},
+            # Node tests only queue jobs; pipeline tests ask for workers.
+            "pipeline": {"workers": 0, **sections.get("pipeline", {})},
+            "delivery": {"poll_interval_seconds": 0.2, **sections.get("delivery", {})},
             "logging": {"level": "INFO"},
         }
         config_path = tmp_path / f"gate{index}.toml"

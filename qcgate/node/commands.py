@@ -16,14 +16,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db-url", help="SQLAlchemy URL of the audit database (default: SQLite in the data dir)")
 
 
-def settings_from_args(args: argparse.Namespace, node: dict[str, Any] | None = None, assembly: dict[str, Any] | None = None) -> Settings:
-    """Settings from --config, with command-line flags overriding the file."""
+def settings_from_args(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
+    """Settings from --config, with command-line flags (``sections``) overriding the file."""
     data_dir = args.data_dir.resolve() if getattr(args, "data_dir", None) else None
     return load_settings(args.config, {
         "storage": {"data_dir": data_dir},
         "database": {"url": getattr(args, "db_url", None)},
-        "node": node or {},
-        "assembly": assembly or {},
+        **sections,
     })
 
 
@@ -35,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
         args,
         node={"port": args.port, "ae_title": args.ae_title, "host": args.host},
         assembly={"stable_seconds": args.stable_seconds},
+        pipeline={"model": args.model, "workers": args.workers},
+        delivery={"destinations": args.destination or None},
     )
     configure_logging(settings.logging)
     GateService(settings).run_forever()
@@ -56,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--ae-title", help="our AE title (default QCGATE)")
     serve.add_argument("--stable-seconds", type=float, help="quiet time before a complete case is ready")
+    serve.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
+                       help="send the QC SEG and SR here (repeatable; replaces the file's list)")
+    serve.add_argument("--model", help="threshold model: a name under models/ or a directory")
+    serve.add_argument("--workers", type=int, help="QC worker processes")
     serve.set_defaults(handler=_serve)
 
     check = subparsers.add_parser("check-config", help="validate a TOML settings file")

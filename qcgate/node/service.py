@@ -9,11 +9,13 @@ import threading
 from sqlalchemy import text
 
 from qcgate.config import Settings
+from qcgate.delivery.outbox import Outbox
 from qcgate.node import systemd
 from qcgate.node.ingest import Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
 from qcgate.pipeline.assembler import AssemblerThread
+from qcgate.pipeline.dispatcher import Dispatcher
 from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
 
 LOG = logging.getLogger("qcgate.service")
@@ -31,6 +33,9 @@ class GateService:
         self.ingestor = Ingestor(self.spool, self.session_factory, min_free_mb=settings.storage.min_free_mb)
         self.node = GateNode(settings.node, self.ingestor, self.session_factory)
         self.assembler = AssemblerThread(self.session_factory, settings.assembly)
+        # workers = 0: this node only queues jobs; `qcgate worker` processes run them elsewhere.
+        self.dispatcher = Dispatcher(settings, self.session_factory) if settings.pipeline.workers > 0 else None
+        self.outbox = Outbox(settings.delivery, self.session_factory, self.spool.data_dir, settings.node.ae_title)
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -38,10 +43,13 @@ class GateService:
         if leftovers:
             LOG.info("removed %d partial receive(s) left by an earlier stop; none was acknowledged", leftovers)
         self.assembler.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+        self.outbox.start()
         self.node.start()
 
     def is_alive(self) -> bool:
-        """Liveness for the watchdog: database reachable, spool writable, assembler running."""
+        """Liveness for the watchdog: database reachable, spool writable, assembler and dispatcher running."""
         try:
             with self.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
@@ -51,7 +59,7 @@ class GateService:
         except Exception as exc:  # any failure here means "not alive"
             LOG.error("liveness check failed: %s", exc)
             return False
-        return self.assembler.is_alive()
+        return self.assembler.is_alive() and (self.dispatcher is None or self.dispatcher.is_alive())
 
     def run_forever(self) -> None:
         """Serve until SIGTERM/SIGINT, feeding the systemd watchdog while alive."""
@@ -72,4 +80,7 @@ class GateService:
         self.node.stop()
         self.assembler.stop()
         self.assembler.join(timeout=10)
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+        self.outbox.stop()
         self.engine.dispose()

@@ -48,6 +48,7 @@ class SliceResult:
     lesion_area_mm2: float
     uncertainty: dict[str, float] | None = None  # UM metrics (names without the group prefix)
     key_features: dict[str, float] = field(default_factory=dict)
+    uncertainty_map: np.ndarray | None = None  # 2-D pixel-wise std of the members on this slice
 
 
 @dataclass

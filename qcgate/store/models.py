@@ -11,6 +11,8 @@ import enum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    Float,
     DateTime,
     ForeignKey,
     Index,
@@ -33,11 +35,13 @@ class Base(DeclarativeBase):
 
 
 class CaseState(str, enum.Enum):
-    """Life of a case: collecting -> ready (job queued) | incomplete (timed out)."""
+    """Life of a case: collecting -> ready (job queued) -> done | failed; or incomplete (timed out)."""
 
     COLLECTING = "collecting"
     READY = "ready"
     INCOMPLETE = "incomplete"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class JobState(str, enum.Enum):
@@ -79,6 +83,15 @@ class Case(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_instance_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Filled by the QC job.
+    series_verdict: Mapped[str | None] = mapped_column(String(16))
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    q_source: Mapped[str | None] = mapped_column(String(32))
+    n_members: Mapped[int | None] = mapped_column(Integer)
+    uses_uncertainty: Mapped[bool | None] = mapped_column(Boolean)
+    notes: Mapped[str | None] = mapped_column(Text)
+    processed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     instances: Mapped[list["Instance"]] = relationship(back_populates="case")
     jobs: Mapped[list["Job"]] = relationship(back_populates="case")
@@ -171,6 +184,7 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(String(128))
     error: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[str | None] = mapped_column(Text)  # JSON {stage: seconds}
 
     case: Mapped[Case] = relationship(back_populates="jobs")
 
@@ -178,3 +192,88 @@ class Job(Base):
         UniqueConstraint("case_id", "kind", name="uq_job_case_kind"),
         Index("ix_jobs_state", "state"),
     )
+
+
+class SliceResultRecord(Base):
+    """One lesion slice's decision: the threshold, the quality, the verdict and why."""
+
+    __tablename__ = "slice_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)  # the source CT slice
+    slice_index: Mapped[int] = mapped_column(Integer)
+    tau: Mapped[float] = mapped_column(Float)
+    q: Mapped[float | None] = mapped_column(Float)
+    margin: Mapped[float] = mapped_column(Float)
+    verdict: Mapped[str] = mapped_column(String(16))
+    lesion_area_mm2: Mapped[float] = mapped_column(Float)
+    um_mean: Mapped[float | None] = mapped_column(Float)
+    um_p90: Mapped[float | None] = mapped_column(Float)
+    key_features: Mapped[str | None] = mapped_column(Text)  # JSON {name: value}
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_slice_results_case", "case_id"),
+        Index("ix_slice_results_verdict", "verdict"),
+        UniqueConstraint("job_id", "sop_instance_uid", name="uq_slice_result_job_sop"),
+    )
+
+
+class Output(Base):
+    """A DICOM object (or report) a QC job produced, kept under the data dir."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | pmap | report
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)  # relative to the data dir
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_outputs_case", "case_id"), UniqueConstraint("job_id", "kind", name="uq_output_job_kind"))
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"  # permanent refusal or too many attempts
+
+
+class Delivery(Base):
+    """The outbox: one row per (output, destination)."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
+    destination: Mapped[str] = mapped_column(String(128))  # AE@host:port
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        UniqueConstraint("output_id", "destination", name="uq_delivery_output_destination"),
+    )
+
+
+class DeliveryAttempt(Base):
+    """Every attempt to deliver, successful or not."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"))
+    attempted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))  # sent | transient | permanent
+    dimse_status: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_delivery_attempts_delivery", "delivery_id"),)

@@ -1,0 +1,299 @@
+"""One QC job: a ready case becomes per-slice verdicts, a QC SEG, a TID 1500 SR and a report.
+
+Runs in a worker process of the dispatcher's executor. Everything it decides is committed in one
+final transaction (slice results, outputs, outbox rows, job done), so a crash mid-job leaves no
+half-recorded result: the job simply runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from qcgate.config import PipelineSettings, Settings
+from qcgate.node.dicom_header import SEGMENTATION_STORAGE
+from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, load_ct_series, load_seg_member
+from qcgate.pipeline.results import CaseResult, SliceResult, Verdict, slice_verdict
+from qcgate.store.database import create_db_engine, make_session_factory
+from qcgate.store.models import (
+    Case,
+    CaseState,
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    SliceResultRecord,
+    utcnow,
+)
+
+LOG = logging.getLogger("qcgate.worker")
+
+
+@dataclass
+class StageTimer:
+    """Wall time per stage, for the audit row and the benchmark's breakdown."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _start: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._start, 4)
+        self._start = now
+
+
+def ensemble_agreement(member_masks: list[np.ndarray], consensus: np.ndarray) -> float:
+    """q = (1/M) Σ_m DSC(B_m, C): mean Dice of each member's binary mask B_m (p_m ≥ 0.5) against the
+    consensus C (mean probability ≥ 0.5), on one slice. DSC of two empty masks is 1."""
+    scores = []
+    for mask in member_masks:
+        total = int(mask.sum()) + int(consensus.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int(np.logical_and(mask, consensus).sum()) / total)
+    return float(np.mean(scores))
+
+
+def dice_score(a: np.ndarray, b: np.ndarray) -> float:
+    """DSC(A, B) = 2|A ∩ B| / (|A| + |B|); 1 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def series_verdict(verdicts: list[Verdict], settings: PipelineSettings) -> tuple[Verdict, str]:
+    """The series verdict and the policy that produced it, stated in words."""
+    if not verdicts:
+        return Verdict.REVIEW, "no lesion slice was segmented: a reviewer must confirm the empty result"
+    n_reject = sum(v is Verdict.REJECT for v in verdicts)
+    n_review = sum(v is Verdict.REVIEW for v in verdicts)
+    if settings.series_policy == "fraction":
+        policy = (f"reject if more than {settings.reject_fraction:.0%} of lesion slices are rejected; "
+                  "otherwise review if any slice is rejected or needs review; otherwise accept")
+        if n_reject / len(verdicts) > settings.reject_fraction:
+            return Verdict.REJECT, policy
+    else:
+        policy = "reject if any lesion slice is rejected; otherwise review if any needs review; otherwise accept"
+        if n_reject:
+            return Verdict.REJECT, policy
+    if n_reject or n_review:
+        return Verdict.REVIEW, policy
+    return Verdict.ACCEPT, policy
+
+
+def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSettings, model: Any, timer: StageTimer) -> CaseResult:
+    """Per-slice tau, q and verdict from the CT and the SEG members (the method of DESIGN §2)."""
+    from qcgate.features import lung_mask_from_hu
+    from qcgate.features.uncertainty import uncertainty_metrics
+    from qcgate.predictors import SliceInput
+
+    ensemble = [m for m in members if not m.is_reference_reader] or members
+    references = [m for m in members if m.is_reference_reader and m not in ensemble]
+    notes: list[str] = []
+    probabilities = np.stack([m.probability for m in ensemble])
+    mean = probabilities.mean(axis=0)
+    consensus = mean >= 0.5
+    uncertainty = probabilities.std(axis=0) if len(ensemble) >= 2 else None
+    if uncertainty is None:
+        notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
+    use_uncertainty = uncertainty is not None and bool(getattr(model, "has_uncertainty_variant", False))
+    if references:
+        q_source = "reference"
+        notes.append("q is the Dice of the AI segmentation against the reference reader's SEG")
+    elif len(ensemble) >= 2:
+        q_source = "ensemble-agreement"
+    else:
+        q_source = "none"
+        notes.append("one member and no reference: q is unknown, every slice goes to review with its threshold")
+    lesion_slices = [int(k) for k in np.flatnonzero(consensus.reshape(consensus.shape[0], -1).any(axis=1))]
+    timer.lap("ensemble")
+
+    inputs = []
+    for k in lesion_slices:
+        lung = lung_mask_from_hu(ct.hu[k])
+        if not lung.any():
+            notes.append(f"slice {k}: no lung found; the imaging group falls back")
+        inputs.append(SliceInput(image_hu=ct.hu[k], ai_probability=mean[k],
+                                 uncertainty_map=None if uncertainty is None else uncertainty[k],
+                                 pixel_spacing=ct.pixel_spacing, lung_mask=lung))
+    taus = np.asarray(model.predict(inputs, use_uncertainty=use_uncertainty), dtype=float) if inputs else np.zeros(0)
+    key_features = model.key_features(inputs, top=5) if inputs else []
+    timer.lap("thresholds")
+
+    margin = settings.margin if settings.margin is not None else float(model.validation_mae)
+    pixel_area = ct.pixel_spacing[0] * ct.pixel_spacing[1]
+    slices: list[SliceResult] = []
+    for position, k in enumerate(lesion_slices):
+        if q_source == "reference":
+            q: float | None = dice_score(consensus[k], references[0].probability[k] >= 0.5)
+        elif q_source == "ensemble-agreement":
+            q = ensemble_agreement([m.probability[k] >= 0.5 for m in ensemble], consensus[k])
+        else:
+            q = None
+        tau = float(np.clip(taus[position], 0.0, 1.0))
+        metrics = None
+        if uncertainty is not None:
+            metrics = {name.removeprefix("uncertainty."): float(value)
+                       for name, value in uncertainty_metrics(uncertainty[k], consensus[k]).items()}
+        slices.append(SliceResult(
+            source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q, margin=margin,
+            verdict=slice_verdict(tau, q, margin), lesion_area_mm2=float(consensus[k].sum() * pixel_area),
+            uncertainty=metrics, key_features=key_features[position] if position < len(key_features) else {},
+            uncertainty_map=None if uncertainty is None else uncertainty[k],
+        ))
+    verdict, policy = series_verdict([s.verdict for s in slices], settings)
+    timer.lap("verdicts")
+    return CaseResult(
+        ct_datasets=ct.datasets, slices=slices, series_verdict=verdict, series_policy=policy,
+        model_name=str(model.name), model_version=str(model.version), q_source=q_source,
+        n_members=len(ensemble), uses_uncertainty=use_uncertainty, notes=notes,
+        segmentation_datasets=[m.dataset for m in members],
+    )
+
+
+def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings, image_hu: np.ndarray | None = None) -> dict[str, tuple[Path, Any]]:
+    """Write the QC SEG (when there is a lesion), the SR and the HTML report; {kind: (path, dataset)}."""
+    import pydicom
+
+    from qcgate.writers.seg import write_qc_seg
+    from qcgate.writers.sr import write_qc_sr
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, tuple[Path, Any]] = {}
+    seg_dataset = None
+    if result.slices:
+        seg_path = write_qc_seg(result, out_dir / "qc-seg.dcm")
+        seg_dataset = pydicom.dcmread(seg_path, stop_before_pixels=True)
+        outputs["seg"] = (seg_path, seg_dataset)
+    sr_path = write_qc_sr(result, out_dir / "qc-sr.dcm", qc_seg=seg_dataset)
+    outputs["sr"] = (sr_path, pydicom.dcmread(sr_path, stop_before_pixels=True))
+    if settings.write_report:
+        from qcgate.report.html import write_case_report
+
+        outputs["report"] = (write_case_report(result, out_dir / "report.html", image_hu), None)
+    return outputs
+
+
+def _record_success(session: Session, job: Job, case: Case, result: CaseResult, outputs: dict[str, tuple[Path, Any]],
+                    data_dir: Path, destinations: list[str], timer: StageTimer) -> None:
+    session.execute(delete(SliceResultRecord).where(SliceResultRecord.job_id == job.id))
+    old_outputs = select(Output.id).where(Output.job_id == job.id)
+    session.execute(delete(Delivery).where(Delivery.output_id.in_(old_outputs)))
+    session.execute(delete(Output).where(Output.job_id == job.id))
+    for item in result.slices:
+        session.add(SliceResultRecord(
+            case_id=case.id, job_id=job.id, sop_instance_uid=str(item.source_image.SOPInstanceUID),
+            slice_index=item.slice_index, tau=item.tau, q=item.q, margin=item.margin, verdict=item.verdict.value,
+            lesion_area_mm2=item.lesion_area_mm2,
+            um_mean=(item.uncertainty or {}).get("um_mean"), um_p90=(item.uncertainty or {}).get("um_p90"),
+            key_features=json.dumps(item.key_features) if item.key_features else None,
+        ))
+    for kind, (path, dataset) in outputs.items():
+        output = Output(case_id=case.id, job_id=job.id, kind=kind, path=str(path.relative_to(data_dir)),
+                        sop_class_uid=str(dataset.SOPClassUID) if dataset is not None else None,
+                        sop_instance_uid=str(dataset.SOPInstanceUID) if dataset is not None else None)
+        session.add(output)
+        session.flush()
+        if dataset is not None:
+            for destination in destinations:
+                session.add(Delivery(output_id=output.id, destination=destination))
+    case.state = CaseState.DONE.value
+    case.series_verdict = result.series_verdict.value
+    case.model_name, case.model_version = result.model_name, result.model_version
+    case.q_source, case.n_members, case.uses_uncertainty = result.q_source, result.n_members, result.uses_uncertainty
+    case.notes = "; ".join(result.notes) or None
+    case.processed_at = utcnow()
+    case.reason = None
+    job.state = JobState.DONE.value
+    job.finished_at = utcnow()
+    job.error = None
+    job.timings = json.dumps(timer.seconds)
+
+
+def _record_failure(session: Session, job_id: int, reason: str) -> None:
+    job = session.get(Job, job_id)
+    if job is None:
+        return
+    job.state = JobState.FAILED.value
+    job.finished_at = utcnow()
+    job.error = reason[:4000]
+    session.execute(update(Case).where(Case.id == job.case_id).values(state=CaseState.FAILED.value, reason=reason[:4000]))
+
+
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def load_threshold_model(name_or_path: str) -> Any:
+    """The configured model, loaded once per worker process (loading checks hashes)."""
+    if name_or_path not in _MODEL_CACHE:
+        from qcgate.predictors import load_model, load_named_model
+
+        path = Path(name_or_path)
+        _MODEL_CACHE[name_or_path] = load_model(path) if path.is_dir() else load_named_model(name_or_path)
+    return _MODEL_CACHE[name_or_path]
+
+
+def run_qc_job(job_id: int, settings_json: str) -> dict[str, Any]:
+    """Executor entry point: run job ``job_id`` to done or failed; returns a small summary."""
+    settings = Settings.model_validate_json(settings_json)
+    engine = create_db_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    data_dir = settings.storage.data_dir.resolve()
+    timer = StageTimer()
+    try:
+        return _run(job_id, settings, session_factory, data_dir, timer)
+    finally:
+        engine.dispose()
+
+
+def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, timer: StageTimer) -> dict[str, Any]:
+    try:
+        with session_factory() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return {"job_id": job_id, "state": "missing"}
+            case_id = job.case_id
+            rows = session.execute(select(Instance.sop_class_uid, Instance.spool_path).where(Instance.case_id == case_id)).all()
+        spool = data_dir / "spool"
+        ct_paths = [spool / path for sop_class, path in rows if sop_class != str(SEGMENTATION_STORAGE)]
+        seg_paths = [spool / path for sop_class, path in rows if sop_class == str(SEGMENTATION_STORAGE)]
+        ct = load_ct_series(ct_paths)
+        timer.lap("load_ct")
+        members = [m for m in (load_seg_member(p, ct, settings.pipeline.lesion_segment_labels) for p in seg_paths) if m is not None]
+        if not members:
+            raise JobFailure("no SEG of the case has a lesion segment (by label or segmented property type)")
+        timer.lap("load_seg")
+        model = load_threshold_model(settings.pipeline.model)
+        timer.lap("load_model")
+        result = judge_case(ct, members, settings.pipeline, model, timer)
+        outputs = write_outputs(result, data_dir / "outputs" / f"case-{case_id}", settings.pipeline, ct.hu)
+        timer.lap("write_outputs")
+        with session_factory() as session, session.begin():
+            job = session.get(Job, job_id)
+            case = session.get(Case, case_id)
+            assert job is not None and case is not None
+            _record_success(session, job, case, result, outputs, data_dir, settings.delivery.destinations, timer)
+        LOG.info("job %s done: case %s %s, %d lesion slices", job_id, case_id, result.series_verdict.value, len(result.slices))
+        return {"job_id": job_id, "state": "done", "verdict": result.series_verdict.value, "timings": timer.seconds}
+    except JobFailure as exc:
+        reason = str(exc)
+        LOG.warning("job %s failed: %s", job_id, reason)
+    except Exception as exc:  # an unexpected error must not leave the job running forever
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        LOG.error("job %s failed: %s\n%s", job_id, reason, traceback.format_exc())
+    with session_factory() as session, session.begin():
+        _record_failure(session, job_id, reason)
+    return {"job_id": job_id, "state": "failed", "error": reason}
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
