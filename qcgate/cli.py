@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qcgate.node.commands",
     "qcgate.store.commands",
     "qcgate.science.commands",
+    "qcgate.pipeline.commands",
+    "qcgate.demo",
 )
 
 

@@ -139,7 +139,8 @@ class Dispatcher(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
-        self.join(timeout=10)
+        if self.is_alive():
+            self.join(timeout=10)
         # A deliberate stop is not the job's fault: hand running jobs back without using up an attempt.
         for job_id in list(self.running):
             with self.session_factory() as session, session.begin():

@@ -11,7 +11,7 @@ from typing import Any
 from qcgate.errors import QcgateError
 from qcgate.node.commands import add_settings_arguments, settings_from_args
 from qcgate.store.database import create_db_engine, is_current, make_session_factory, upgrade_database
-from qcgate.store.queries import list_cases
+from qcgate.store.queries import case_detail, list_cases, list_deliveries
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -42,15 +42,46 @@ def print_rows(rows: list[dict[str, Any]], columns: list[str], output_format: st
         print("(no rows)")
 
 
-def _audit_cases(args: argparse.Namespace) -> int:
+def _open_audit_session(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     settings = settings_from_args(args)
     engine = create_db_engine(settings.database_url, must_exist=True)
     if not is_current(engine):
         raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}: run `qcgate db upgrade` or `qcgate serve` first")
-    with make_session_factory(engine)() as session:
-        rows = list_cases(session, state=args.state, limit=args.limit)
-    columns = ["case_id", "state", "ct_series_uid", "ct_instances", "seg_instances", "job_state", "last_instance_at", "reason"]
+    return make_session_factory(engine)()
+
+
+def _audit_cases(args: argparse.Namespace) -> int:
+    with _open_audit_session(args) as session:
+        rows = list_cases(session, state=args.state, limit=args.limit, verdict=args.verdict)
+    columns = ["case_id", "state", "series_verdict", "ct_series_uid", "ct_instances", "seg_instances", "job_state", "last_instance_at", "reason"]
     print_rows(rows, columns if args.format == "table" else list(rows[0]) if rows else columns, args.format)
+    return 0
+
+
+def _audit_case(args: argparse.Namespace) -> int:
+    with _open_audit_session(args) as session:
+        detail = case_detail(session, args.case_id)
+    if detail is None:
+        raise QcgateError(f"no case with id {args.case_id}")
+    if args.format == "json":
+        json.dump(detail, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"case {detail['case_id']}: {detail['state']}; series verdict {detail['series_verdict'] or '-'}; model {detail['model'] or '-'}; q from {detail['q_source'] or '-'}")
+    if detail["reason"]:
+        print(f"  reason: {detail['reason']}")
+    if detail["notes"]:
+        print(f"  notes: {detail['notes']}")
+    rows = [{**s, "key_features": ", ".join(f"{k}={v:.3g}" for k, v in list(s["key_features"].items())[:3])} for s in detail["slices"]]
+    print_rows(rows, ["slice_index", "tau", "q", "margin", "verdict", "lesion_area_mm2", "key_features"], args.format)
+    print_rows(detail["deliveries"], ["kind", "destination", "state", "attempts", "last_error"], args.format)
+    return 0
+
+
+def _audit_deliveries(args: argparse.Namespace) -> int:
+    with _open_audit_session(args) as session:
+        rows = list_deliveries(session, state=args.state)
+    print_rows(rows, ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "last_error", "delivered_at"], args.format)
     return 0
 
 
@@ -66,7 +97,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="QUERY", required=True)
     cases = audit_commands.add_parser("cases", help="list cases with their state and job")
     add_settings_arguments(cases)
-    cases.add_argument("--state", choices=["collecting", "ready", "incomplete"])
+    cases.add_argument("--state", choices=["collecting", "ready", "incomplete", "done", "failed"])
+    cases.add_argument("--verdict", choices=["accept", "review", "reject"])
     cases.add_argument("--limit", type=int)
     cases.add_argument("--format", choices=["table", "json", "csv"], default="table")
     cases.set_defaults(handler=_audit_cases)
+
+    case = audit_commands.add_parser("case", help="one case slice by slice, with its outputs and deliveries")
+    add_settings_arguments(case)
+    case.add_argument("case_id", type=int)
+    case.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    case.set_defaults(handler=_audit_case)
+
+    deliveries = audit_commands.add_parser("deliveries", help="the outbox: delivered, pending and dead letters")
+    add_settings_arguments(deliveries)
+    deliveries.add_argument("--state", choices=["pending", "sent", "dead"])
+    deliveries.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    deliveries.set_defaults(handler=_audit_deliveries)
