@@ -196,12 +196,12 @@ def glcm_features(p: np.ndarray, levels: np.ndarray, ng: int) -> dict[str, float
         values = {name: math.nan for name in GLCM_FEATURES}
         values["MCC"] = 1.0 if p.shape[0] < 2 else math.nan
         return values
-    i = levels[:, None, None]
-    j = levels[None, :, None]
     px = p.sum(axis=1)  # (G, A)
     py = p.sum(axis=0)  # (G, A)
-    ux = np.sum(i * p, axis=(0, 1))  # (A,)
-    uy = np.sum(j * p, axis=(0, 1))
+    level_column = levels[:, None]
+    # Marginal means: μx = Σ_i i p_x(i) (= Σ_ij i p(i, j)), μy likewise.
+    ux = np.sum(level_column * px, axis=0)  # (A,)
+    uy = np.sum(level_column * py, axis=0)
     # Sum and difference distributions: scatter p into k = i + j and k = |i − j| with bincount (cost).
     sum_index = (levels[:, None] + levels[None, :]).astype(np.intp) - 2  # k = 2 .. 2Ng
     diff_index = np.abs(levels[:, None] - levels[None, :]).astype(np.intp)  # k = 0 .. Ng − 1
@@ -211,23 +211,23 @@ def glcm_features(p: np.ndarray, levels: np.ndarray, ng: int) -> dict[str, float
     k_sum = np.arange(2, 2 * ng + 1, dtype=np.float64)[:, None]
     k_diff = np.arange(0, ng, dtype=np.float64)[:, None]
 
-    # Products instead of float powers, and each log2 once (cost).
+    # Terms that depend on (i, j) only through i + j, |i − j| or one marginal are summed over those
+    # distributions (Σ_ij p f(i + j) = Σ_k p_{x+y}(k) f(k)): arrays of 2Ng instead of G²·A (cost).
     hxy = -np.sum(p * np.log2(p + EPS), axis=(0, 1))
-    centred_sum = (i + j) - (ux + uy)[None, None, :]
+    centred_sum = k_sum - (ux + uy)[None, :]  # (2Ng − 1, A)
     centred_sum2 = centred_sum * centred_sum
-    p_centred2 = p * centred_sum2
-    i_dev = i - ux
-    j_dev = j - uy
-    p_i_dev2 = p * (i_dev * i_dev)
-    sum_squares = np.sum(p_i_dev2, axis=(0, 1))
+    p_centred2 = p_sum * centred_sum2
+    i_dev = level_column - ux[None, :]
+    j_dev = level_column - uy[None, :]
+    sum_squares = np.sum(px * (i_dev * i_dev), axis=0)
     sigx = np.sqrt(sum_squares)
-    sigy = np.sqrt(np.sum(p * (j_dev * j_dev), axis=(0, 1)))
-    correlation_numerator = np.sum(p * i_dev * j_dev, axis=(0, 1))
+    sigy = np.sqrt(np.sum(py * (j_dev * j_dev), axis=0))
+    # Σ_ij i·j·p(i, j) per angle, as iᵀ P j
+    autocorrelation = np.einsum("i,ija,j->a", levels, p, levels)
+    correlation_numerator = autocorrelation - ux * uy  # Σ p (i − μx)(j − μy), Σ p = 1
     correlation = correlation_numerator / (sigx * sigy + EPS)
     correlation[sigx * sigy == 0] = 1.0
     difference_average = np.sum(k_diff * p_diff, axis=0)
-    difference = levels[:, None] - levels[None, :]
-    difference2 = (difference * difference)[:, :, None]
 
     hx = -np.sum(px * np.log2(px + EPS), axis=0)
     hy = -np.sum(py * np.log2(py + EPS), axis=0)
@@ -251,11 +251,11 @@ def glcm_features(p: np.ndarray, levels: np.ndarray, ng: int) -> dict[str, float
         return float(kept.sum() / kept.size) if kept.size else math.nan
 
     return {
-        "Autocorrelation": angle_mean(np.sum(p * i * j, axis=(0, 1))),
-        "ClusterProminence": angle_mean(np.sum(p_centred2 * centred_sum2, axis=(0, 1))),
-        "ClusterShade": angle_mean(np.sum(p_centred2 * centred_sum, axis=(0, 1))),
-        "ClusterTendency": angle_mean(np.sum(p_centred2, axis=(0, 1))),
-        "Contrast": angle_mean(np.sum(p * difference2, axis=(0, 1))),
+        "Autocorrelation": angle_mean(autocorrelation),
+        "ClusterProminence": angle_mean(np.sum(p_centred2 * centred_sum2, axis=0)),
+        "ClusterShade": angle_mean(np.sum(p_centred2 * centred_sum, axis=0)),
+        "ClusterTendency": angle_mean(np.sum(p_centred2, axis=0)),
+        "Contrast": angle_mean(np.sum(p_diff * k_diff2, axis=0)),
         "Correlation": angle_mean(correlation),
         "DifferenceAverage": angle_mean(difference_average),
         "DifferenceEntropy": angle_mean(-np.sum(p_diff * np.log2(p_diff + EPS), axis=0)),
