@@ -386,6 +386,12 @@ def ai_probabilities(observed: np.ndarray, rng: np.random.Generator, members: in
 # --------------------------------------------------------------------------------------------------
 
 
+def _crop_window(region: np.ndarray, margin: int) -> tuple[slice, slice]:
+    rows, cols = np.nonzero(region)
+    return (slice(max(0, rows.min() - margin), min(region.shape[0], rows.max() + margin + 1)),
+            slice(max(0, cols.min() - margin), min(region.shape[1], cols.max() + margin + 1)))
+
+
 def generate_patient(seed: int, index: int, config: PhantomConfig, styles: dict[str, ReaderStyle]) -> Case:
     """One synthetic patient: a stack of lesion slices with readers, AI members and a lung mask."""
     rng = np.random.default_rng([seed, index])
@@ -419,6 +425,9 @@ def generate_patient(seed: int, index: int, config: PhantomConfig, styles: dict[
         roi = ndimage.binary_dilation(density > 0.02, iterations=int(4 + 0.4 * spec.radius_px))
         roi &= ndimage.binary_dilation(lungs, iterations=2)
         seen_peak = float(np.percentile(ndimage.gaussian_filter(observed, 1.0)[seed_region], 75))
+        # Readers and AI members work on a crop around the lesion: nothing they do reaches further.
+        window = _crop_window(roi, margin=8)
+        crop_obs, crop_seed, crop_roi = observed[window], seed_region[window], roi[window]
         # A reader's levels move from case to case; the reference and its repeat share most of that
         # movement (same person, same case), other readers move independently.
         shared = (rng.normal(0, 35), rng.normal(0, 0.045))
@@ -428,10 +437,14 @@ def generate_patient(seed: int, index: int, config: PhantomConfig, styles: dict[
             for reader in styles
         }
         for reader, style in styles.items():
-            readers[reader].append(
-                reader_mask(observed, style, rng, scanner.lung_hu, seen_peak, seed_region, roi, impressions[reader])
-            )
-        probabilities.append(ai_probabilities(observed, rng, config.members, scanner.lung_hu, seen_peak, seed_region, roi))
+            full = np.zeros(observed.shape, bool)
+            full[window] = reader_mask(crop_obs, style, rng, scanner.lung_hu, seen_peak, crop_seed, crop_roi,
+                                       impressions[reader])
+            readers[reader].append(full)
+        members = np.zeros((config.members, *observed.shape), np.float32)
+        members[(slice(None), *window)] = ai_probabilities(crop_obs, rng, config.members, scanner.lung_hu,
+                                                           seen_peak, crop_seed, crop_roi)
+        probabilities.append(members)
         images.append(observed)
         lungs_all.append(lungs | (density > 0.5))
         kinds.append(kind)
