@@ -90,11 +90,13 @@ def firstorder_features(values: np.ndarray, binned_values: np.ndarray, voxel_vol
     p10, p25, p50, p75, p90 = _linear_percentiles(np.sort(x), (10.0, 25.0, 50.0, 75.0, 90.0))
     mean = float(x.mean())
     deviation = x - mean
-    m2 = float(np.mean(deviation**2))
-    m3 = float(np.mean(deviation**3))
-    m4 = float(np.mean(deviation**4))
+    deviation2 = deviation * deviation  # products, not float powers (cost)
+    m2 = float(deviation2.mean())
+    m3 = float((deviation2 * deviation).mean())
+    m4 = float((deviation2 * deviation2).mean())
     denominator = m2 if m2 != 0 else 1.0  # flat region: pyradiomics returns 0 for skewness/kurtosis
-    shifted_energy = float(np.sum((x + shift) ** 2))
+    shifted = x + shift
+    shifted_energy = float(np.dot(shifted, shifted))
     counts = np.bincount(np.asarray(binned_values, dtype=np.intp).ravel())
     counts = counts[counts > 0]
     p = counts / counts.sum()
