@@ -46,6 +46,7 @@ from qcgate.features.radiomics_numpy import (
     glrlm_features,
     glszm_features,
     ngtdm_features,
+    present_levels,
 )
 
 # pyradiomics logs every class construction at INFO/DEBUG; a daemon does not want that per slice.
@@ -118,6 +119,7 @@ def numpy_class_values(
         return values
     mask_array = np.asarray(mask_array, dtype=bool)
     binned = discretise(image_array, mask_array, float(settings["binWidth"]))
+    levels = present_levels(binned, mask_array) if mask_array.any() else None  # shared by every class
     with np.errstate(all="ignore"):
         if "firstorder" in wanted:
             first = firstorder_features(
@@ -125,28 +127,29 @@ def numpy_class_values(
             )
             values.update({f"firstorder_{k}": v for k, v in first.items()})
         if "glcm" in wanted:
-            p, levels, ng = glcm_matrix(
+            p, glcm_levels, ng = glcm_matrix(
                 binned,
                 mask_array,
                 tuple(settings.get("distances", [1])),
                 bool(settings.get("force2D", False)),
                 int(settings.get("force2Ddimension", 0)),
+                levels,
             )
-            values.update({f"glcm_{k}": v for k, v in glcm_features(p, levels, ng).items()})
+            values.update({f"glcm_{k}": v for k, v in glcm_features(p, glcm_levels, ng).items()})
         force2d = bool(settings.get("force2D", False))
         dimension = int(settings.get("force2Ddimension", 0))
         distances = tuple(settings.get("distances", [1]))
         if "glrlm" in wanted:
-            run = glrlm_features(binned, mask_array, force2d, dimension)
+            run = glrlm_features(binned, mask_array, force2d, dimension, levels)
             values.update({f"glrlm_{k}": v for k, v in run.items()})
         if "glszm" in wanted:
-            zone = glszm_features(binned, mask_array, force2d, dimension)
+            zone = glszm_features(binned, mask_array, force2d, dimension, levels)
             values.update({f"glszm_{k}": v for k, v in zone.items()})
         if "gldm" in wanted:
-            dependence = gldm_features(binned, mask_array, distances, settings.get("gldm_a", 0), force2d, dimension)
+            dependence = gldm_features(binned, mask_array, distances, settings.get("gldm_a", 0), force2d, dimension, levels)
             values.update({f"gldm_{k}": v for k, v in dependence.items()})
         if "ngtdm" in wanted:
-            neighbourhood = ngtdm_features(binned, mask_array, distances, force2d, dimension)
+            neighbourhood = ngtdm_features(binned, mask_array, distances, force2d, dimension, levels)
             values.update({f"ngtdm_{k}": v for k, v in neighbourhood.items()})
     return values
 

@@ -42,6 +42,12 @@ def discretise(image: np.ndarray, mask: np.ndarray, bin_width: float) -> np.ndar
     return binned
 
 
+def present_levels(binned: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sorted grey levels present in the ROI: {g : #{x ∈ ROI : X_b(x) = g} > 0} (np.unique's result, via
+    bincount: cheaper)."""
+    return np.flatnonzero(np.bincount(binned[mask].ravel()))
+
+
 def bin_edges(values: np.ndarray, bin_width: float) -> np.ndarray:
     """``imageoperations.getBinEdges`` (fixed bin width) with numpy reductions instead of Python's
     builtin min/max over the array (cost): edges = L, L + W, … < max + 2W with L = min − (min mod W);
@@ -124,14 +130,14 @@ def firstorder_features(values: np.ndarray, binned_values: np.ndarray, voxel_vol
     }
 
 
-def glcm_matrix(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), force2d: bool = True, force2d_dimension: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+def glcm_matrix(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), force2d: bool = True, force2d_dimension: int = 0, levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Normalised symmetrical GLCMs p_a(i, j) = (P_a + P_aᵀ)(i, j) / Σ_ij (P_a + P_aᵀ), one per angle a,
     over the grey levels present in the ROI. Returns (p of shape (G, G, A), levels (G,), Ng = max level).
 
     ``binned`` and ``mask`` are 3-D (z, y, x); with ``force2d`` only in-plane angles are used. Angles
     without any pair are dropped (pyradiomics' convention).
     """
-    levels = np.unique(binned[mask])
+    levels = present_levels(binned, mask) if levels is None else levels
     ng = int(levels.max())
     matrix, _angles = cMatrices.calculate_glcm(
         binned, mask, np.asarray(distances), ng, bool(force2d), int(force2d_dimension)
@@ -331,7 +337,17 @@ _GLDM_NAMES = {
 }  # fmt: skip
 
 
-def size_matrix_features(matrix: np.ndarray, levels: np.ndarray, totals: np.ndarray, n_pixels: np.ndarray) -> dict[str, float]:
+def compress_sizes(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only the sizes j with Σ_{i,a} P(i, j, a) > 0 (pyradiomics drops the others), first, so that the
+    GLSZM's N_s-wide matrix shrinks to the handful of zone sizes present (cost). Returns (P', sizes')."""
+    occurring = matrix.any(axis=(0, 2))
+    sizes = np.arange(1, matrix.shape[1] + 1, dtype=np.float64)[occurring]
+    return matrix[:, occurring, :], sizes
+
+
+def size_matrix_features(
+    matrix: np.ndarray, levels: np.ndarray, sizes: np.ndarray, totals: np.ndarray, n_pixels: np.ndarray
+) -> dict[str, float]:
     """Shared features of a grey-level × size matrix P(i, j) per angle a (run length, zone size or
     dependence size j), N_a = Σ_ij P, p_g(i) = Σ_j P, p_s(j) = Σ_i P; each averaged over angles (nanmean):
 
@@ -341,46 +357,46 @@ def size_matrix_features(matrix: np.ndarray, levels: np.ndarray, totals: np.ndar
     slgle = Σ P/(i²j²) / N, shgle = Σ P i²/j² / N, llgle = Σ P j²/i² / N, lhgle = Σ P i²j² / N,
     percentage = N / N_p (N_p = ``n_pixels`` per angle).
 
-    ``matrix`` has shape (G, J, A) over the present grey ``levels`` and sizes 1..J; sizes that occur at
-    no angle are dropped first (pyradiomics' convention); ``totals`` is N_a (nan when empty).
+    ``matrix`` (G, J', A) holds the present grey ``levels`` and the occurring ``sizes``
+    (:func:`compress_sizes`); ``totals`` is N_a (nan when empty).
     """
-    p_size_all = matrix.sum(axis=0)  # (J, A)
+    p_size = matrix.sum(axis=0)  # (J', A)
     p_grey = matrix.sum(axis=1)  # (G, A)
-    sizes = np.arange(1, matrix.shape[1] + 1, dtype=np.float64)
-    occurring = p_size_all.sum(axis=1) != 0
-    matrix = matrix[:, occurring, :]
-    p_size = p_size_all[occurring]
-    j = sizes[occurring][:, None]  # (J', 1)
+    j = sizes[:, None]  # (J', 1)
     i = levels[:, None]  # (G, 1)
+    j2 = j * j
+    i2 = i * i
     n = totals
     p_grey_norm = p_grey / n
     mu_i = np.sum(p_grey_norm * i, axis=0)
     p_size_norm = p_size / n
     mu_j = np.sum(p_size_norm * j, axis=0)
     p_norm = matrix / n[None, None, :]
-    i3 = levels[:, None, None]
-    j3 = sizes[occurring][None, :, None]
+    i2_3 = i2[:, :, None]  # (G, 1, 1)
+    j2_3 = j2[None, :, :]  # (1, J', 1)
+    i_dev = i - mu_i
+    j_dev = j - mu_j
 
     def mean(per_angle: np.ndarray) -> float:
         kept = per_angle[~np.isnan(per_angle)]
         return float(kept.sum() / kept.size) if kept.size else math.nan
 
     return {
-        "small": mean(np.sum(p_size / j**2, axis=0) / n),
-        "large": mean(np.sum(p_size * j**2, axis=0) / n),
-        "gln": mean(np.sum(p_grey**2, axis=0) / n),
-        "glnn": mean(np.sum(p_grey**2, axis=0) / n**2),
-        "sn": mean(np.sum(p_size**2, axis=0) / n),
-        "snn": mean(np.sum(p_size**2, axis=0) / n**2),
-        "glv": mean(np.sum(p_grey_norm * (i - mu_i) ** 2, axis=0)),
-        "sv": mean(np.sum(p_size_norm * (j - mu_j) ** 2, axis=0)),
+        "small": mean(np.sum(p_size / j2, axis=0) / n),
+        "large": mean(np.sum(p_size * j2, axis=0) / n),
+        "gln": mean(np.sum(p_grey * p_grey, axis=0) / n),
+        "glnn": mean(np.sum(p_grey * p_grey, axis=0) / (n * n)),
+        "sn": mean(np.sum(p_size * p_size, axis=0) / n),
+        "snn": mean(np.sum(p_size * p_size, axis=0) / (n * n)),
+        "glv": mean(np.sum(p_grey_norm * (i_dev * i_dev), axis=0)),
+        "sv": mean(np.sum(p_size_norm * (j_dev * j_dev), axis=0)),
         "entropy": mean(-np.sum(p_norm * np.log2(p_norm + EPS), axis=(0, 1))),
-        "lgle": mean(np.sum(p_grey / i**2, axis=0) / n),
-        "hgle": mean(np.sum(p_grey * i**2, axis=0) / n),
-        "slgle": mean(np.sum(matrix / (i3**2 * j3**2), axis=(0, 1)) / n),
-        "shgle": mean(np.sum(matrix * i3**2 / j3**2, axis=(0, 1)) / n),
-        "llgle": mean(np.sum(matrix * j3**2 / i3**2, axis=(0, 1)) / n),
-        "lhgle": mean(np.sum(matrix * (j3**2 * i3**2), axis=(0, 1)) / n),
+        "lgle": mean(np.sum(p_grey / i2, axis=0) / n),
+        "hgle": mean(np.sum(p_grey * i2, axis=0) / n),
+        "slgle": mean(np.sum(matrix / (i2_3 * j2_3), axis=(0, 1)) / n),
+        "shgle": mean(np.sum(matrix * i2_3 / j2_3, axis=(0, 1)) / n),
+        "llgle": mean(np.sum(matrix * j2_3 / i2_3, axis=(0, 1)) / n),
+        "lhgle": mean(np.sum(matrix * (j2_3 * i2_3), axis=(0, 1)) / n),
         "percentage": mean(n / n_pixels),
     }
 
@@ -390,10 +406,10 @@ def _present(matrix: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return matrix[levels.astype(np.intp) - 1]
 
 
-def glrlm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+def glrlm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, force2d_dimension: int = 0, levels: np.ndarray | None = None) -> dict[str, float]:
     """pyradiomics GLRLM features (formulas in :func:`size_matrix_features`, j = run length, N = number of
     runs per angle, RunPercentage = N / Σ_j p_s(j)·j), averaged over the in-plane angles."""
-    levels = np.unique(binned[mask])
+    levels = present_levels(binned, mask) if levels is None else levels
     ng = int(levels.max())
     matrix, _angles = cMatrices.calculate_glrlm(binned, mask, ng, int(max(binned.shape)), bool(force2d), int(force2d_dimension))
     matrix = _present(matrix[0], levels)  # (G, J, A)
@@ -401,38 +417,38 @@ def glrlm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, f
     if matrix.shape[2] > 1:
         matrix, totals = matrix[:, :, totals != 0], totals[totals != 0]
     totals = np.where(totals == 0, np.nan, totals)
-    p_size = matrix.sum(axis=0)
-    n_pixels = np.sum(p_size * np.arange(1, matrix.shape[1] + 1)[:, None], axis=0)
-    generic = size_matrix_features(matrix, levels.astype(np.float64), totals, n_pixels)
+    matrix, sizes = compress_sizes(matrix)
+    n_pixels = np.sum(matrix.sum(axis=0) * sizes[:, None], axis=0)
+    generic = size_matrix_features(matrix, levels.astype(np.float64), sizes, totals, n_pixels)
     return {_GLRLM_NAMES[key]: value for key, value in generic.items()}
 
 
-def glszm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+def glszm_features(binned: np.ndarray, mask: np.ndarray, force2d: bool = True, force2d_dimension: int = 0, levels: np.ndarray | None = None) -> dict[str, float]:
     """pyradiomics GLSZM features (formulas in :func:`size_matrix_features`, j = zone size of 8-connected
     same-level zones in 2-D, N = N_z zones, ZonePercentage = N_z / N_p, N_p = Σ_j p_s(j)·j)."""
-    levels = np.unique(binned[mask])
+    levels = present_levels(binned, mask) if levels is None else levels
     ng = int(levels.max())
     matrix = cMatrices.calculate_glszm(binned, mask, ng, int(mask.sum()), bool(force2d), int(force2d_dimension))
-    matrix = _present(matrix[0], levels)[:, :, None]  # (G, J, 1)
+    matrix, sizes = compress_sizes(_present(matrix[0], levels)[:, :, None])  # (G, J', 1)
     n_zones = float(matrix.sum()) or 1.0
-    n_pixels = float(np.sum(matrix.sum(axis=0)[:, 0] * np.arange(1, matrix.shape[1] + 1))) or 1.0
-    generic = size_matrix_features(matrix, levels.astype(np.float64), np.array([n_zones]), np.array([n_pixels]))
+    n_pixels = float(np.sum(matrix.sum(axis=0)[:, 0] * sizes)) or 1.0
+    generic = size_matrix_features(matrix, levels.astype(np.float64), sizes, np.array([n_zones]), np.array([n_pixels]))
     return {_GLSZM_NAMES[key]: value for key, value in generic.items()}
 
 
-def gldm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), alpha: int = 0, force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+def gldm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), alpha: int = 0, force2d: bool = True, force2d_dimension: int = 0, levels: np.ndarray | None = None) -> dict[str, float]:
     """pyradiomics GLDM features (formulas in :func:`size_matrix_features`, j = dependence size: 1 + the
     number of neighbours within |Δ| ≤ α of the centre's grey level, N = N_z = number of pixels)."""
-    levels = np.unique(binned[mask])
+    levels = present_levels(binned, mask) if levels is None else levels
     ng = int(levels.max())
     matrix = cMatrices.calculate_gldm(binned, mask, np.asarray(distances), ng, alpha, bool(force2d), int(force2d_dimension))
-    matrix = _present(matrix[0], levels)[:, :, None]
+    matrix, sizes = compress_sizes(_present(matrix[0], levels)[:, :, None])
     n_total = float(matrix.sum()) or 1.0
-    generic = size_matrix_features(matrix, levels.astype(np.float64), np.array([n_total]), np.array([n_total]))
+    generic = size_matrix_features(matrix, levels.astype(np.float64), sizes, np.array([n_total]), np.array([n_total]))
     return {_GLDM_NAMES[key]: value for key, value in generic.items() if key in _GLDM_NAMES}
 
 
-def ngtdm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), force2d: bool = True, force2d_dimension: int = 0) -> dict[str, float]:
+def ngtdm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = (1,), force2d: bool = True, force2d_dimension: int = 0, levels: np.ndarray | None = None) -> dict[str, float]:
     """pyradiomics NGTDM features from n_i (pixels of level i with a valid neighbourhood), p_i = n_i / N_vp
     and s_i = Σ |i − Ā_i| (Ā the neighbourhood mean), over the N_gp present levels:
 
@@ -440,7 +456,7 @@ def ngtdm_features(binned: np.ndarray, mask: np.ndarray, distances: tuple[int, .
     Busyness = Σ p_i s_i / Σ_ij |i p_i − j p_j|, Complexity = Σ_ij |i − j| (p_i s_i + p_j s_j)/(p_i + p_j) / N_vp,
     Strength = Σ_ij (p_i + p_j)(i − j)² / Σ s_i (0 where a denominator is 0).
     """
-    levels = np.unique(binned[mask])
+    levels = present_levels(binned, mask) if levels is None else levels
     ng = int(levels.max())
     matrix = cMatrices.calculate_ngtdm(binned, mask, np.asarray(distances), ng, bool(force2d), int(force2d_dimension))[0]
     matrix = matrix[matrix[:, 0] != 0]
