@@ -122,3 +122,13 @@ def test_mask_and_empty_inputs() -> None:
     rows, cols = np.mgrid[:300, :300]
     big = ((rows - 150) ** 2 + (cols - 150) ** 2 <= 140**2).astype(float)  # larger than the frame: centre-cropped
     assert all(math.isfinite(v) for v in wavelet_descriptors(big, "db1").values())
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (8, 9), (17, 16), (81, 88), (64, 64)])
+def test_fourier_snr_half_spectrum_equals_full_spectrum(shape: tuple[int, int]) -> None:
+    data = np.random.default_rng(12).normal(size=shape) + np.linspace(0, 3, shape[1])[None, :]
+    power = np.abs(np.fft.fft2(data - data.mean())) ** 2
+    radial = np.sqrt(np.fft.fftfreq(shape[0])[:, None] ** 2 + np.fft.fftfreq(shape[1])[None, :] ** 2)
+    low, high = power[(radial > 0) & (radial <= 0.25)].sum(), power[radial > 0.25].sum()
+    floor = 1e-10 * power.sum()
+    assert fourier_snr_db(data) == pytest.approx(10 * math.log10((low + floor) / (high + floor)), rel=1e-12)
