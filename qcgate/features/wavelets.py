@@ -17,7 +17,7 @@ of its energy, times σ², at level j).
 from __future__ import annotations
 
 import math
-import warnings
+from functools import lru_cache
 
 import numpy as np
 import pywt
@@ -43,18 +43,27 @@ def bounded_crop(array: np.ndarray, max_size: int = MAX_CROP) -> np.ndarray:
     return data[r0 : r0 + max_size, c0 : c0 + max_size]
 
 
+@lru_cache(maxsize=8)
+def _wavelet(name: str) -> pywt.Wavelet:
+    return pywt.Wavelet(name)
+
+
 def level_energies(array: np.ndarray, wavelet: str = "db2", levels: int = WAVELET_LEVELS) -> tuple[np.ndarray, np.ndarray]:
     """Detail energies E_j and support shares n_j = 3·N/4^j for j = 1 (finest) .. ``levels`` (coarsest).
 
     E_j = Σ_{b∈{H,V,D}} Σ_k d_{j,b,k}²  on the zero-extended DWT of the (bounded) crop.
     """
     data = bounded_crop(array)
-    with warnings.catch_warnings():
-        # 8 levels exceed pywt's "useful" depth for small crops; with zero extension they are still exact.
-        warnings.simplefilter("ignore")
-        coefficients = pywt.wavedec2(data, wavelet, mode="zero", level=levels)
-    details = coefficients[1:][::-1]  # wavedec2 lists coarsest first; reorder to j = 1 .. levels
-    energies = np.array([sum(float(np.vdot(band, band)) for band in level) for level in details])
+    filters = _wavelet(wavelet)
+    energies = np.empty(levels, dtype=np.float64)
+    approximation = data
+    # The separable 2-D step as three 1-D pywt.dwt calls per level: the same coefficients as
+    # pywt.wavedec2 (tested) with less per-call overhead on small crops (cost).
+    for level in range(levels):
+        low, high = pywt.dwt(approximation, filters, mode="zero", axis=1)
+        approximation, low_high = pywt.dwt(low, filters, mode="zero", axis=0)
+        high_low, high_high = pywt.dwt(high, filters, mode="zero", axis=0)
+        energies[level] = float(np.vdot(low_high, low_high) + np.vdot(high_low, high_low) + np.vdot(high_high, high_high))
     counts = 3.0 * data.size / 4.0 ** np.arange(1, levels + 1)
     return energies, counts
 
