@@ -1,0 +1,144 @@
+"""Coded concepts of the qcgate outputs: standard codes where they exist, a private scheme for the rest.
+
+Standard concepts (verified against ``pydicom.sr.codedict.codes``):
+
+* DCM 111050 "Quality Assessment" with the values of CID 6044 (Image Quality Assessment) carries the
+  verdict: accept -> DCM 111237 "Usable - Meets the quality control standard", review -> DCM 111236
+  "Usable - Does not meet the quality control standard", reject -> DCM 111235 "Unusable - Quality renders
+  image unusable". The subject of the assessment is the AI segmentation on that slice (the measurement
+  group's subject), not the CT image itself; docs/CODING_SCHEME.md states the mapping.
+* DCM 111051 "Quality Control Standard" = DCM 111240 "Institutionally defined quality control standard"
+  says whose standard the verdict applies (the site's configured margin and policy).
+* SCT 42798000 "Area" in UCUM "mm2" for the lesion area; UCUM "1" for ratios (tau, q, margin, UM
+  statistics); DCM 114010 "Value unknown" when q cannot be estimated.
+
+Everything else lives in the private coding scheme ``99QCGATE`` (``PRIVATE_SCHEME``), each code documented
+in docs/CODING_SCHEME.md. Private code values are short mnemonics (SH, at most 16 characters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from qcgate.pipeline.results import Verdict
+
+#: Private coding scheme designator ("99" prefix: a local scheme, PS3.16 section 8.2).
+PRIVATE_SCHEME = "99QCGATE"
+PRIVATE_SCHEME_NAME = "qcgate quality-gate concepts"
+PRIVATE_SCHEME_RESPONSIBLE = "qcgate project (docs/CODING_SCHEME.md)"
+
+
+def _private(value: str, meaning: str) -> Code:
+    return Code(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+# --- standard concepts -----------------------------------------------------------------------------
+QUALITY_ASSESSMENT = codes.DCM.QualityAssessment  # DCM 111050
+QC_MEETS_STANDARD = codes.DCM.UsableMeetsTheQualityControlStandard  # DCM 111237
+QC_BELOW_STANDARD = codes.DCM.UsableDoesNotMeetTheQualityControlStandard  # DCM 111236
+QC_UNUSABLE = codes.DCM.UnusableQualityRendersImageUnusable  # DCM 111235
+QUALITY_CONTROL_STANDARD = codes.DCM.QualityControlStandard  # DCM 111051
+INSTITUTIONAL_QC_STANDARD = codes.DCM.InstitutionallyDefinedQualityControlStandard  # DCM 111240
+VALUE_UNKNOWN = codes.DCM.ValueUnknown  # DCM 114010
+AREA = codes.SCT.Area  # SCT 42798000
+YES = codes.SCT.Yes
+NO = codes.SCT.No
+COMMENT = codes.DCM.Comment  # DCM 121106
+LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # SCT 49755003
+LESION_TYPE = codes.SCT.Lesion  # SCT 52988006
+PROCEDURE_CT = codes.LN.CTUnspecifiedBodyRegion  # LN 25045-6
+
+UNIT_RATIO = codes.UCUM.NoUnits  # UCUM "1"
+UNIT_MM2 = codes.UCUM.SquareMillimeter  # UCUM "mm2"
+UNIT_BIT = Code("bit", "UCUM", "bit")
+UNIT_SLICES = Code("{slices}", "UCUM", "slices")
+UNIT_MEMBERS = Code("{members}", "UCUM", "ensemble members")
+
+#: The verdict as a value of DCM 111050 "Quality Assessment".
+VERDICT_CODES: dict[Verdict, Code] = {
+    Verdict.ACCEPT: QC_MEETS_STANDARD,
+    Verdict.REVIEW: QC_BELOW_STANDARD,
+    Verdict.REJECT: QC_UNUSABLE,
+}
+
+
+def verdict_from_code(value: str, scheme_designator: str = "DCM") -> Verdict:
+    """The verdict a Quality Assessment value stands for (inverse of ``VERDICT_CODES``)."""
+    for verdict, code in VERDICT_CODES.items():
+        if code.value == value and code.scheme_designator == scheme_designator:
+            return verdict
+    raise KeyError(f"({scheme_designator}, {value}) is not a qcgate verdict code")
+
+
+# --- private concepts ------------------------------------------------------------------------------
+TAU = _private("TAU", "Image-specific threshold (predicted DSC Lesion)")
+Q_ESTIMATE = _private("QEST", "Estimated segmentation quality (Dice)")
+MARGIN = _private("MARGIN", "Verdict margin")
+SLICE_QC_FINDING = _private("SLICEQC", "Lesion slice segmentation quality control")
+SERIES_QC_FINDING = _private("SERIESQC", "Series segmentation quality control summary")
+SERIES_VERDICT = _private("SERIESVERDICT", "Series quality control verdict")
+SERIES_POLICY = _private("POLICY", "Series verdict policy")
+QC_METHOD = _private("QCGATE", "qcgate image-specific threshold quality gate")
+SLICES_ACCEPTED = _private("NACCEPT", "Number of lesion slices accepted")
+SLICES_REVIEW = _private("NREVIEW", "Number of lesion slices for review")
+SLICES_REJECTED = _private("NREJECT", "Number of lesion slices rejected")
+ENSEMBLE_MEMBERS = _private("NMEMBERS", "Number of ensemble members")
+Q_SOURCE = _private("QSOURCE", "Source of the quality estimate")
+UNCERTAINTY_USED = _private("UMUSED", "Uncertainty map used")
+THRESHOLD_MODEL = _private("MODEL", "Threshold model")
+UNCERTAINTY_MAP = _private("UMAP", "Ensemble uncertainty map (pixel-wise standard deviation)")
+
+#: Values of ``Q_SOURCE`` (the strings CaseResult.q_source takes).
+Q_SOURCE_CODES: dict[str, Code] = {
+    "ensemble-agreement": _private("QSRC-ENSEMBLE", "Ensemble agreement"),
+    "reference": _private("QSRC-REFERENCE", "Reference reader segmentation"),
+    "regressor": _private("QSRC-REGRESSOR", "Site-trained quality regressor"),
+    "none": _private("QSRC-NONE", "No quality estimate available"),
+}
+
+#: UM statistics (qcgate.features.uncertainty names) -> (code, unit).
+_UM_MEANINGS: dict[str, tuple[str, Code]] = {
+    "um_mean": ("Mean of the uncertainty map near the lesion", UNIT_RATIO),
+    "um_std": ("Standard deviation of the uncertainty map near the lesion", UNIT_RATIO),
+    "um_entropy": ("Histogram entropy of the uncertainty map near the lesion", UNIT_BIT),
+    "um_p50": ("50th percentile of the uncertainty map near the lesion", UNIT_RATIO),
+    "um_p90": ("90th percentile of the uncertainty map near the lesion", UNIT_RATIO),
+    "um_p99": ("99th percentile of the uncertainty map near the lesion", UNIT_RATIO),
+    "um_frac_gt_0p1": ("Fraction of the lesion region with uncertainty above 0.1", UNIT_RATIO),
+    "um_frac_gt_0p2": ("Fraction of the lesion region with uncertainty above 0.2", UNIT_RATIO),
+    "um_frac_gt_0p3": ("Fraction of the lesion region with uncertainty above 0.3", UNIT_RATIO),
+}
+
+
+def uncertainty_code(name: str) -> tuple[Code, Code]:
+    """(concept, unit) for the UM statistic ``name`` (e.g. "um_mean" -> 99QCGATE "UM_MEAN").
+
+    Names not in the documented table still get a stable private code (so a new metric never breaks
+    the writer): the upper-cased name when it fits in 16 characters, else "UM" plus a hash.
+    """
+    meaning, unit = _UM_MEANINGS.get(name, (f"Uncertainty statistic {name}", UNIT_RATIO))
+    value = name.upper()
+    if len(value) > 16:
+        value = "UM" + hashlib.sha1(name.encode()).hexdigest()[:14].upper()
+    return _private(value, meaning[:64]), unit
+
+
+def uncertainty_name(code_value: str) -> str | None:
+    """The UM statistic name behind a private code value (for documented names), else None."""
+    for name in _UM_MEANINGS:
+        if name.upper() == code_value:
+            return name
+    return None
+
+
+def coding_scheme_identification() -> Dataset:
+    """An item of CodingSchemeIdentificationSequence (0008,0110) declaring the private scheme."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_RESPONSIBLE
+    return item

@@ -1,0 +1,224 @@
+"""The QC SEG: a BINARY DICOM Segmentation on the source CT grid that shows the verdict in colour.
+
+Up to three segments, in this order and numbered consecutively from 1 among those present:
+"Lesion - QC accepted" (green), "Lesion - QC review" (yellow), "Lesion - QC rejected" (red). Each
+lesion slice's AI mask goes, on its source CT image, into the segment of its verdict. Segments with no
+pixel are omitted, and so are empty frames (highdicom's default).
+
+Choices
+-------
+* Labels use an ASCII hyphen, not the en dash of DESIGN §2: the source CTs are mostly ISO_IR 100
+  (Latin-1), which has no en dash, and highdicom keeps the source's character set.
+* No lesion pixel at all (a valid "no lesion" case): a SEG needs at least one segment and highdicom
+  refuses a SEG without frames, and an all-empty segment would show nothing anyway. So there is no QC
+  SEG: ``write_qc_seg`` raises ``NoLesionError`` and the SR alone carries the result. Callers ask
+  ``has_lesion_pixels(result)`` first.
+* Anonymised real CTs often lack type 2 patient/study attributes highdicom copies into the SEG; they
+  are added empty on a copy of each header (the caller's datasets are never modified).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from qcgate import __version__
+from qcgate.errors import InputError
+from qcgate.pipeline.results import CaseResult, Verdict
+from qcgate.writers import codes as qc_codes
+
+log = logging.getLogger(__name__)
+
+QC_SEG_SERIES_NUMBER = 9001
+QC_SEG_SERIES_DESCRIPTION = "QC result: AI lesion segmentation by verdict (qcgate)"
+MANUFACTURER = "qcgate"
+#: Type 2 attributes highdicom copies from the sources; anonymised real CTs may lack them.
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
+    "AccessionNumber", "ReferringPhysicianName",
+)
+
+
+class NoLesionError(InputError):
+    """The case has no lesion pixel, so there is nothing a QC SEG could show (the SR still is written)."""
+
+
+@dataclass(frozen=True)
+class VerdictSegmentStyle:
+    """How one verdict appears in the QC SEG."""
+
+    label: str
+    display_color: tuple[float, float, float]  # CIELab (L*, a*, b*)
+    tracking_id: str
+
+
+#: sRGB green / yellow / red converted to CIELab (D65), so every viewer shows the verdict the same way.
+VERDICT_SEGMENT_STYLES: dict[Verdict, VerdictSegmentStyle] = {
+    Verdict.ACCEPT: VerdictSegmentStyle("Lesion - QC accepted", (87.74, -86.18, 83.18), "QC accepted lesion"),
+    Verdict.REVIEW: VerdictSegmentStyle("Lesion - QC review", (97.14, -21.56, 94.48), "QC review lesion"),
+    Verdict.REJECT: VerdictSegmentStyle("Lesion - QC rejected", (53.24, 80.09, 67.20), "QC rejected lesion"),
+}
+
+
+def has_lesion_pixels(result: CaseResult) -> bool:
+    """Whether any lesion slice has a non-empty AI mask, i.e. whether a QC SEG can be written."""
+    return any(bool(np.any(item.ai_mask)) for item in result.slices)
+
+
+def is_synthetic_source(datasets: Sequence[Dataset]) -> bool:
+    """Whether the source series says it is synthetic (qcgate phantom data); outputs then say so too."""
+    for ds in datasets[:1]:
+        text = " ".join(str(ds.get(keyword, "")) for keyword in ("SeriesDescription", "ImageComments", "DeidentificationMethod"))
+        if "SYNTHETIC" in text.upper():
+            return True
+    return False
+
+
+def source_headers_for_derivation(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Copies of the CT headers with missing type 2 attributes added empty (originals untouched).
+
+    An empty SpecificCharacterSet (seen in anonymised real CTs) means the default repertoire; highdicom
+    refuses the empty value, so the copy drops it. The copies share the data elements (pixel data included) with the originals; only the added
+    attributes are new, so this costs no pixel copy.
+    """
+    prepared: list[Dataset] = []
+    for ds in datasets:
+        missing = [keyword for keyword in _TYPE2_COPIED if keyword not in ds]
+        empty_charset = "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet
+        if not missing and not empty_charset:
+            prepared.append(ds)
+            continue
+        copy = Dataset()
+        for element in ds:
+            copy.add(element)
+        if hasattr(ds, "file_meta"):
+            copy.file_meta = ds.file_meta
+        copy.is_little_endian = getattr(ds, "is_little_endian", True)
+        copy.is_implicit_VR = getattr(ds, "is_implicit_VR", False)
+        for keyword in missing:
+            setattr(copy, keyword, "")
+        if empty_charset:
+            del copy.SpecificCharacterSet
+        prepared.append(copy)
+    return prepared
+
+
+def qc_algorithm_identification(result: CaseResult) -> hd.AlgorithmIdentificationSequence:
+    """qcgate as the algorithm, with the threshold model and the q source as parameters."""
+    return hd.AlgorithmIdentificationSequence(
+        name="qcgate",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=__version__,
+        source="qcgate quality gate",
+        parameters={
+            "threshold_model": f"{result.model_name} {result.model_version}"[:64],
+            "q_source": result.q_source,
+            "ensemble_members": str(result.n_members),
+        },
+    )
+
+
+def _verdict_masks(result: CaseResult, sorted_uids: list[str], shape: tuple[int, int]) -> dict[Verdict, np.ndarray]:
+    """One (slices, rows, cols) boolean volume per verdict, in the order of ``sorted_uids``."""
+    position_of_uid = {uid: k for k, uid in enumerate(sorted_uids)}
+    volumes = {verdict: np.zeros((len(sorted_uids), *shape), dtype=bool) for verdict in Verdict}
+    for item in result.slices:
+        uid = str(item.source_image.SOPInstanceUID)
+        if uid not in position_of_uid:
+            raise InputError(f"QC SEG: slice {item.slice_index} references an image that is not in the CT series")
+        mask = np.asarray(item.ai_mask, dtype=bool)
+        if mask.shape != shape:
+            raise InputError(f"QC SEG: mask of slice {item.slice_index} has shape {mask.shape}, the CT has {shape}")
+        volumes[item.verdict][position_of_uid[uid]] |= mask
+    return volumes
+
+
+def build_qc_seg(
+    result: CaseResult,
+    *,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = QC_SEG_SERIES_NUMBER,
+) -> hd.seg.Segmentation:
+    """The QC SEG as a highdicom dataset (see the module docstring); ``write_qc_seg`` saves it."""
+    if not result.ct_datasets:
+        raise InputError("QC SEG: the case has no source CT datasets")
+    if not has_lesion_pixels(result):
+        raise NoLesionError("QC SEG: no lesion pixel in any slice; the SR alone reports this case")
+
+    sources = source_headers_for_derivation(result.ct_datasets)
+    # highdicom requires pixel_array[i] to belong to source_images[i]: sort once and follow the order.
+    sorted_sources = hd.spatial.sort_datasets(sources)
+    sorted_uids = [str(ds.SOPInstanceUID) for ds in sorted_sources]
+    shape = (int(sorted_sources[0].Rows), int(sorted_sources[0].Columns))
+    volumes = _verdict_masks(result, sorted_uids, shape)
+
+    algorithm = qc_algorithm_identification(result)
+    descriptions: list[hd.seg.SegmentDescription] = []
+    layers: list[np.ndarray] = []
+    for verdict in (Verdict.ACCEPT, Verdict.REVIEW, Verdict.REJECT):
+        if not volumes[verdict].any():
+            continue  # an empty segment would only clutter the viewer's segment list
+        style = VERDICT_SEGMENT_STYLES[verdict]
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=len(descriptions) + 1,
+            segment_label=style.label,
+            segmented_property_category=qc_codes.LESION_CATEGORY,
+            segmented_property_type=qc_codes.LESION_TYPE,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid(),
+            tracking_id=style.tracking_id,
+            display_color=hd.color.CIELabColor(*style.display_color),
+        ))
+        layers.append(volumes[verdict])
+    pixel_array = np.stack(layers, axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
+
+    synthetic = is_synthetic_source(sorted_sources)
+    description = ("SYNTHETIC " if synthetic else "") + QC_SEG_SERIES_DESCRIPTION
+    seg = hd.seg.Segmentation(
+        source_images=sorted_sources,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="qcgate",
+        software_versions=__version__,
+        device_serial_number="0",
+        content_description=f"QC verdicts, threshold model {result.model_name} {result.model_version}"[:64],
+        content_label="QC_VERDICT",
+        content_creator_name=None,
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = description[:64]
+    if synthetic:
+        seg.ImageComments = "SYNTHETIC source data: QC result for a qcgate phantom, not a patient"
+    return seg
+
+
+def write_qc_seg(result: CaseResult, out_path: Path) -> Path:
+    """Write the QC SEG of ``result`` to ``out_path`` and return the path.
+
+    Raises NoLesionError when no slice has a lesion pixel (then only the SR is written) and
+    InputError when a slice references an image outside ``result.ct_datasets`` or has a mask of the
+    wrong shape.
+    """
+    seg = build_qc_seg(result)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out_path, enforce_file_format=True)
+    log.info("wrote QC SEG with %d segment(s), %d frame(s) to %s", len(seg.SegmentSequence),
+             int(seg.NumberOfFrames), out_path)
+    return out_path
