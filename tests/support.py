@@ -174,3 +174,52 @@ def write_seg_for_real_ct(ct_files: Sequence[Path], out_path: Path, threshold_hu
 
 def read_dataset(path: Path) -> Dataset:
     return pydicom.dcmread(path)
+
+
+PYRADIOMICS_CASES = SHARED / "data" / "pyradiomics-testcases"
+
+
+def write_lung2_case(out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The real lung2 chest CT (pyradiomics test case) as a DICOM CT series, plus a two-member
+    FRACTIONAL ensemble derived from its one-reader lesion label (members: the label blurred, and
+    the label dilated by one pixel then blurred; they disagree at the border, as real models do).
+    Returns (CT files, member SEG files)."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from qcgate.phantom.dicom_export import write_ct_series, write_seg
+
+    image = sitk.ReadImage(str(PYRADIOMICS_CASES / "lung2_image.nrrd"))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(PYRADIOMICS_CASES / "lung2_label.nrrd"))) > 0
+    volume = sitk.GetArrayFromImage(image).astype(np.float64)
+    spacing = image.GetSpacing()
+    datasets = write_ct_series(volume, (spacing[1], spacing[0]), spacing[2], out_dir / "ct", patient_id="LUNG2",
+                               patient_name="TESTCASE^LUNG2", series_description="lung2 test case (real CT, pyradiomics data)",
+                               synthetic=False)
+    first = np.stack([ndimage.gaussian_filter(s.astype(float), 1.2) for s in label]).clip(0, 1)
+    dilated = np.stack([ndimage.binary_dilation(s, iterations=1) for s in label])
+    second = np.stack([ndimage.gaussian_filter(s.astype(float), 1.2) for s in dilated]).clip(0, 1)
+    members = []
+    for number, probabilities in enumerate((first, second), start=1):
+        path = out_dir / f"member{number}.dcm"
+        write_seg(datasets, probabilities, path, fractional=True, algorithm_name=f"DerivedMember{number}",
+                  manufacturer="qcgate tests", series_description=f"ensemble member {number} derived from the lung2 label",
+                  synthetic=False, series_number=200 + number)
+        members.append(path)
+    return sorted((out_dir / "ct").glob("*.dcm")), members
+
+
+def write_phantom_case(out_dir: Path, seed: int = 3, members: int = 2) -> tuple[list[Path], list[Path]]:
+    """A SYNTHETIC phantom case as DICOM: (CT files, AI member SEG files)."""
+    from qcgate.phantom.generator import PhantomConfig, generate_cohort, write_cohort_dicom
+
+    cohort = generate_cohort(PhantomConfig(patients=1, seed=seed, members=members), workers=1)
+    write_cohort_dicom(cohort, out_dir)
+    case_dir = next(p for p in out_dir.iterdir() if p.is_dir())
+    return sorted((case_dir / "ct").glob("*.dcm")), sorted(case_dir.glob("seg_ai_member*.dcm"))
+
+
+def dciodvfy_error_lines(path: Path) -> list[str]:
+    """dciodvfy exits 0 even on errors: the lines that start with 'Error'."""
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
