@@ -20,13 +20,11 @@ Choices
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -34,17 +32,13 @@ from qcgate import __version__
 from qcgate.errors import InputError
 from qcgate.pipeline.results import CaseResult, Verdict
 from qcgate.writers import codes as qc_codes
+from qcgate.writers.common import is_synthetic_source, source_headers_for_derivation
 
 log = logging.getLogger(__name__)
 
 QC_SEG_SERIES_NUMBER = 9001
 QC_SEG_SERIES_DESCRIPTION = "QC result: AI lesion segmentation by verdict (qcgate)"
 MANUFACTURER = "qcgate"
-#: Type 2 attributes highdicom copies from the sources; anonymised real CTs may lack them.
-_TYPE2_COPIED = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
-    "AccessionNumber", "ReferringPhysicianName",
-)
 
 
 class NoLesionError(InputError):
@@ -71,44 +65,6 @@ VERDICT_SEGMENT_STYLES: dict[Verdict, VerdictSegmentStyle] = {
 def has_lesion_pixels(result: CaseResult) -> bool:
     """Whether any lesion slice has a non-empty AI mask, i.e. whether a QC SEG can be written."""
     return any(bool(np.any(item.ai_mask)) for item in result.slices)
-
-
-def is_synthetic_source(datasets: Sequence[Dataset]) -> bool:
-    """Whether the source series says it is synthetic (qcgate phantom data); outputs then say so too."""
-    for ds in datasets[:1]:
-        text = " ".join(str(ds.get(keyword, "")) for keyword in ("SeriesDescription", "ImageComments", "DeidentificationMethod"))
-        if "SYNTHETIC" in text.upper():
-            return True
-    return False
-
-
-def source_headers_for_derivation(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """Copies of the CT headers with missing type 2 attributes added empty (originals untouched).
-
-    An empty SpecificCharacterSet (seen in anonymised real CTs) means the default repertoire; highdicom
-    refuses the empty value, so the copy drops it. The copies share the data elements (pixel data included) with the originals; only the added
-    attributes are new, so this costs no pixel copy.
-    """
-    prepared: list[Dataset] = []
-    for ds in datasets:
-        missing = [keyword for keyword in _TYPE2_COPIED if keyword not in ds]
-        empty_charset = "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet
-        if not missing and not empty_charset:
-            prepared.append(ds)
-            continue
-        copy = Dataset()
-        for element in ds:
-            copy.add(element)
-        if hasattr(ds, "file_meta"):
-            copy.file_meta = ds.file_meta
-        copy.is_little_endian = getattr(ds, "is_little_endian", True)
-        copy.is_implicit_VR = getattr(ds, "is_implicit_VR", False)
-        for keyword in missing:
-            setattr(copy, keyword, "")
-        if empty_charset:
-            del copy.SpecificCharacterSet
-        prepared.append(copy)
-    return prepared
 
 
 def qc_algorithm_identification(result: CaseResult) -> hd.AlgorithmIdentificationSequence:

@@ -1,0 +1,315 @@
+"""The QC SR: a Comprehensive 3D SR following TID 1500 (highdicom.sr.MeasurementReport).
+
+Content tree
+------------
+* Observer context: a device observer (TID 1004) named "qcgate", manufacturer "qcgate", whose model
+  name is the threshold model's name and version (e.g. "phantom-full 1.2.0").
+* One TID 1501 measurement group per lesion slice, finding type SCT "Lesion", referencing its source
+  CT image (``source_images``; ``ReferencedSegmentationFrame.from_segmentation`` is avoided, see
+  DESIGN §3), with:
+    - tau (99QCGATE TAU), q (99QCGATE QEST) and the margin (99QCGATE MARGIN), UCUM "1";
+    - the lesion area, SCT 42798000 "Area", UCUM "mm2";
+    - the UM statistics when an uncertainty map was used (99QCGATE UM_*);
+    - the verdict: DCM 111050 "Quality Assessment" = DCM 111237 / 111236 / 111235
+      (accept / review / reject);
+    - when q is unknown, no q measurement but QEST = DCM 114010 "Value unknown" (a coded evaluation).
+* One series summary group, finding type 99QCGATE SERIESQC, with the series verdict (DCM 111050), the
+  quality control standard (DCM 111051 = DCM 111240 institutionally defined), the numbers of accepted,
+  review and rejected slices, the number of ensemble members, the q source, whether the uncertainty
+  map was used, and as TEXT items the policy (99QCGATE POLICY) and each note (DCM 121106 "Comment").
+
+The evidence lists every CT image, the QC SEG when given, and the AI segmentations judged.
+``read_qc_sr`` reads such an SR back into plain Python values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from qcgate import __version__
+from qcgate.errors import InputError
+from qcgate.pipeline.results import CaseResult, SliceResult, Verdict
+from qcgate.writers import codes as qc_codes
+from qcgate.writers.common import is_synthetic_source, source_headers_for_derivation
+
+log = logging.getLogger(__name__)
+
+QC_SR_SERIES_NUMBER = 9002
+QC_SR_SERIES_DESCRIPTION = "QC report: AI lesion segmentation quality (qcgate)"
+MANUFACTURER = "qcgate"
+
+
+def device_observer_uid(model_name: str, model_version: str) -> str:
+    """A stable UID for the qcgate device observer with this model (same model -> same observer)."""
+    return generate_uid(entropy_srcs=["qcgate-device-observer", model_name, model_version])
+
+
+def _observation_context(result: CaseResult) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_observer_uid(result.model_name, result.model_version),
+        name="qcgate",
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{result.model_name} {result.model_version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device,
+        ),
+    )
+
+
+def _algorithm(result: CaseResult) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name="qcgate", version=__version__,
+        parameters=[f"threshold model {result.model_name} {result.model_version}", f"q source {result.q_source}"],
+    )
+
+
+def _ratio(name: hd.sr.CodedConcept | object, value: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=qc_codes.UNIT_RATIO)
+
+
+def _slice_group(item: SliceResult, result: CaseResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one lesion slice."""
+    measurements = [_ratio(qc_codes.TAU, item.tau)]
+    evaluations = [hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_ASSESSMENT, value=qc_codes.VERDICT_CODES[item.verdict])]
+    if item.q is not None and item.q == item.q:  # NaN counts as unknown, as in slice_verdict
+        measurements.append(_ratio(qc_codes.Q_ESTIMATE, item.q))
+    else:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=qc_codes.Q_ESTIMATE, value=qc_codes.VALUE_UNKNOWN))
+    measurements.append(_ratio(qc_codes.MARGIN, item.margin))
+    measurements.append(hd.sr.Measurement(name=qc_codes.AREA, value=float(item.lesion_area_mm2), unit=qc_codes.UNIT_MM2))
+    for name, value in sorted((item.uncertainty or {}).items()):
+        if value == value:  # a NaN statistic (empty region) is left out rather than written as a number
+            concept, unit = qc_codes.uncertainty_code(name)
+            measurements.append(hd.sr.Measurement(name=concept, value=float(value), unit=unit))
+    source = item.source_image
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=f"Lesion slice {item.slice_index + 1}",
+        ),
+        finding_type=qc_codes.LESION_TYPE,
+        finding_category=qc_codes.LESION_CATEGORY,
+        method=qc_codes.QC_METHOD,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=str(source.SOPClassUID), referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        )],
+    )
+
+
+def _count(name: object, value: int, unit: object) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit)
+
+
+def _summary_group(result: CaseResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The series summary group: verdict, policy, counts, q source, members, UM use, notes."""
+    verdicts = [item.verdict for item in result.slices]
+    q_source = qc_codes.Q_SOURCE_CODES.get(result.q_source)
+    if q_source is None:
+        raise InputError(f"QC SR: unknown q source {result.q_source!r}; expected one of {sorted(qc_codes.Q_SOURCE_CODES)}")
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Series QC summary"),
+        finding_type=qc_codes.SERIES_QC_FINDING,
+        method=qc_codes.QC_METHOD,
+        algorithm_id=algorithm,
+        measurements=[
+            _count(qc_codes.SLICES_ACCEPTED, verdicts.count(Verdict.ACCEPT), qc_codes.UNIT_SLICES),
+            _count(qc_codes.SLICES_REVIEW, verdicts.count(Verdict.REVIEW), qc_codes.UNIT_SLICES),
+            _count(qc_codes.SLICES_REJECTED, verdicts.count(Verdict.REJECT), qc_codes.UNIT_SLICES),
+            _count(qc_codes.ENSEMBLE_MEMBERS, result.n_members, qc_codes.UNIT_MEMBERS),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_ASSESSMENT, value=qc_codes.VERDICT_CODES[result.series_verdict]),
+            hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_CONTROL_STANDARD, value=qc_codes.INSTITUTIONAL_QC_STANDARD),
+            hd.sr.QualitativeEvaluation(name=qc_codes.Q_SOURCE, value=q_source),
+            hd.sr.QualitativeEvaluation(name=qc_codes.UNCERTAINTY_USED, value=qc_codes.YES if result.uses_uncertainty else qc_codes.NO),
+        ],
+    )
+    # Free text has no slot in highdicom's TID 1501 class: append TEXT items to the group container.
+    container = group[0]
+    container.ContentSequence.append(hd.sr.TextContentItem(
+        name=qc_codes.SERIES_POLICY, value=_text(result.series_policy or "not stated"), relationship_type="CONTAINS",
+    ))
+    for note in result.notes:
+        container.ContentSequence.append(hd.sr.TextContentItem(
+            name=qc_codes.COMMENT, value=_text(note), relationship_type="CONTAINS",
+        ))
+    return group
+
+
+def _text(value: str) -> str:
+    """UT-safe text: no backslash issues, bounded length."""
+    return str(value)[:1024]
+
+
+def build_qc_sr(
+    result: CaseResult,
+    qc_seg: Dataset | None = None,
+    *,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = QC_SR_SERIES_NUMBER,
+) -> hd.sr.Comprehensive3DSR:
+    """The QC SR as a highdicom dataset (see the module docstring); ``write_qc_sr`` saves it."""
+    if not result.ct_datasets:
+        raise InputError("QC SR: the case has no source CT datasets")
+    sources = source_headers_for_derivation(result.ct_datasets)
+    known_uids = {str(ds.SOPInstanceUID) for ds in sources}
+    for item in result.slices:
+        if str(item.source_image.SOPInstanceUID) not in known_uids:
+            raise InputError(f"QC SR: slice {item.slice_index} references an image that is not in the CT series")
+
+    algorithm = _algorithm(result)
+    groups = [_slice_group(item, result, algorithm) for item in sorted(result.slices, key=lambda s: s.slice_index)]
+    groups.append(_summary_group(result, algorithm))
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(result),
+        procedure_reported=qc_codes.PROCEDURE_CT,
+        imaging_measurements=groups,
+    )
+    evidence: list[Dataset] = list(sources)
+    if qc_seg is not None:
+        evidence.append(qc_seg)
+    evidence.extend(source_headers_for_derivation(result.segmentation_datasets))
+    synthetic = is_synthetic_source(sources)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,  # the gate's own final statement; a reader may still verify it later
+        series_description=(("SYNTHETIC " if synthetic else "") + QC_SR_SERIES_DESCRIPTION)[:64],
+    )
+    # Declare the private coding scheme used by the content items (SOP Common module).
+    sr.CodingSchemeIdentificationSequence = [qc_codes.coding_scheme_identification()]
+    return sr
+
+
+def write_qc_sr(result: CaseResult, out_path: Path, qc_seg: Dataset | None = None) -> Path:
+    """Write the QC SR of ``result`` to ``out_path`` and return the path.
+
+    ``qc_seg`` (the QC SEG written for the case, headers suffice) is recorded in the evidence. A case
+    without lesion slices still gets an SR: no slice groups, only the series summary.
+    """
+    sr = build_qc_sr(result, qc_seg)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(out_path, enforce_file_format=True)
+    log.info("wrote QC SR with %d lesion slice group(s) to %s", len(result.slices), out_path)
+    return out_path
+
+
+# --- reading back ----------------------------------------------------------------------------------
+@dataclass
+class SliceReport:
+    """One lesion slice as read back from a QC SR."""
+
+    sop_instance_uid: str
+    tau: float
+    q: float | None
+    margin: float
+    verdict: Verdict
+    lesion_area_mm2: float
+    uncertainty: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class QcReport:
+    """A QC SR read back: the slice groups and the series summary."""
+
+    slices: list[SliceReport]
+    series_verdict: Verdict
+    series_policy: str
+    counts: dict[Verdict, int]
+    n_members: int
+    q_source: str
+    uses_uncertainty: bool
+    notes: list[str]
+    observer_model_name: str
+
+
+def _single_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: object) -> float | None:
+    found = group.get_measurements(name=concept)
+    return float(found[0].value) if found else None
+
+
+def _single_code(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: object) -> hd.sr.CodedConcept | None:
+    found = group.get_qualitative_evaluations(name=concept)
+    return found[0].value if found else None
+
+
+def _verdict(code: hd.sr.CodedConcept | None) -> Verdict:
+    if code is None:
+        raise InputError("QC SR: a group has no Quality Assessment")
+    return qc_codes.verdict_from_code(code.value, code.scheme_designator)
+
+
+def read_qc_sr(path: Path) -> QcReport:
+    """Read a QC SR written by ``write_qc_sr`` back with highdicom (``srread``)."""
+    sr = hd.sr.srread(path)
+    report: hd.sr.MeasurementReport = sr.content
+    slices: list[SliceReport] = []
+    for group in report.get_image_measurement_groups(finding_type=qc_codes.LESION_TYPE):
+        uncertainty: dict[str, float] = {}
+        for measurement in group.get_measurements():
+            if measurement.name.scheme_designator == qc_codes.PRIVATE_SCHEME:
+                name = qc_codes.uncertainty_name(measurement.name.value)
+                if name is not None:
+                    uncertainty[name] = float(measurement.value)
+        sources: Sequence[hd.sr.SourceImageForMeasurementGroup] = group.source_images
+        slices.append(SliceReport(
+            sop_instance_uid=str(sources[0].referenced_sop_instance_uid),
+            tau=float(_single_value(group, qc_codes.TAU)),
+            q=_single_value(group, qc_codes.Q_ESTIMATE),
+            margin=float(_single_value(group, qc_codes.MARGIN)),
+            verdict=_verdict(_single_code(group, qc_codes.QUALITY_ASSESSMENT)),
+            lesion_area_mm2=float(_single_value(group, qc_codes.AREA)),
+            uncertainty=uncertainty,
+        ))
+    summaries = report.get_image_measurement_groups(finding_type=qc_codes.SERIES_QC_FINDING)
+    if len(summaries) != 1:
+        raise InputError(f"QC SR: expected one series summary group, found {len(summaries)}")
+    summary = summaries[0]
+    q_source_code = _single_code(summary, qc_codes.Q_SOURCE)
+    q_source = next((key for key, code in qc_codes.Q_SOURCE_CODES.items()
+                     if q_source_code is not None and code.value == q_source_code.value), "unknown")
+    texts = [item for item in summary[0].ContentSequence if item.ValueType == "TEXT"]
+    policy = [str(item.TextValue) for item in texts if item.ConceptNameCodeSequence[0].CodeValue == qc_codes.SERIES_POLICY.value]
+    notes = [str(item.TextValue) for item in texts if item.ConceptNameCodeSequence[0].CodeValue == qc_codes.COMMENT.value]
+    used = _single_code(summary, qc_codes.UNCERTAINTY_USED)
+    observers = report.get_observer_contexts()
+    model_name = ""
+    for observer in observers:
+        attributes = observer.observer_identifying_attributes
+        if isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes) and attributes.model_name:
+            model_name = str(attributes.model_name)
+    return QcReport(
+        slices=slices,
+        series_verdict=_verdict(_single_code(summary, qc_codes.QUALITY_ASSESSMENT)),
+        series_policy=policy[0] if policy else "",
+        counts={
+            Verdict.ACCEPT: int(_single_value(summary, qc_codes.SLICES_ACCEPTED) or 0),
+            Verdict.REVIEW: int(_single_value(summary, qc_codes.SLICES_REVIEW) or 0),
+            Verdict.REJECT: int(_single_value(summary, qc_codes.SLICES_REJECTED) or 0),
+        },
+        n_members=int(_single_value(summary, qc_codes.ENSEMBLE_MEMBERS) or 0),
+        q_source=q_source,
+        uses_uncertainty=used is not None and used.value == qc_codes.YES.value,
+        notes=notes,
+        observer_model_name=model_name,
+    )
