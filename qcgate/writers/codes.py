@@ -78,9 +78,7 @@ def verdict_from_code(value: str, scheme_designator: str = "DCM") -> Verdict:
 TAU = _private("TAU", "Image-specific threshold (predicted DSC Lesion)")
 Q_ESTIMATE = _private("QEST", "Estimated segmentation quality (Dice)")
 MARGIN = _private("MARGIN", "Verdict margin")
-SLICE_QC_FINDING = _private("SLICEQC", "Lesion slice segmentation quality control")
 SERIES_QC_FINDING = _private("SERIESQC", "Series segmentation quality control summary")
-SERIES_VERDICT = _private("SERIESVERDICT", "Series quality control verdict")
 SERIES_POLICY = _private("POLICY", "Series verdict policy")
 QC_METHOD = _private("QCGATE", "qcgate image-specific threshold quality gate")
 SLICES_ACCEPTED = _private("NACCEPT", "Number of lesion slices accepted")
@@ -89,7 +87,6 @@ SLICES_REJECTED = _private("NREJECT", "Number of lesion slices rejected")
 ENSEMBLE_MEMBERS = _private("NMEMBERS", "Number of ensemble members")
 Q_SOURCE = _private("QSOURCE", "Source of the quality estimate")
 UNCERTAINTY_USED = _private("UMUSED", "Uncertainty map used")
-THRESHOLD_MODEL = _private("MODEL", "Threshold model")
 UNCERTAINTY_MAP = _private("UMAP", "Ensemble uncertainty map (pixel-wise standard deviation)")
 
 #: Values of ``Q_SOURCE`` (the strings CaseResult.q_source takes).
