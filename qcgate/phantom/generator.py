@@ -263,8 +263,14 @@ def draw_lesion_spec(rng: np.random.Generator, kind: str, texture: str, radius_m
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.normal(0, 1, shape), sigma)
-    return (field - field.mean()) / (field.std() + 1e-9)
+    """Gaussian-smoothed white noise with unit SD in expectation.
+
+    White noise filtered by a 2-D Gaussian of SD sigma has SD 1 / (2 sigma sqrt(pi)); scaling by the
+    inverse (not by the sample SD, and without removing the sample mean) keeps the field's slow,
+    local offsets, so a small crop behaves like the same region of a large image.
+    """
+    field = ndimage.gaussian_filter(rng.normal(0, 1, shape), sigma, mode="wrap")
+    return field * (2.0 * sigma * math.sqrt(math.pi))
 
 
 def lesion_density(rng: np.random.Generator, spec: LesionSpec, shape: tuple[int, int],

@@ -56,20 +56,23 @@ def test_hu_levels_are_chest_ct_like(small_cohort) -> None:
                     # 0..100 HU where it is dense; small fragments lose contrast to blur (partial volume)
                     if core.sum() >= 150 and case.attributes["textures"][k] != "fragmented":
                         assert p99 > -250, (case.case_id, k, p99)
-                else:  # ground glass (-700..-250 HU), or ground glass with a consolidated core
-                    assert -800 < median < 0, (case.case_id, k, kind, median)
+                else:  # ground glass (-700..-250 HU), or ground glass with a consolidated core:
+                    # denser than the aerated lung around it, far below soft tissue
+                    assert np.median(image[healthy]) + 20 < median < 0, (case.case_id, k, kind, median)
 
 
 def test_readers_disagree_by_mechanism(small_cohort) -> None:
-    repeat, others, scores = [], [], []
+    repeat, others, scores, drawn = [], [], [], []
     for case in small_cohort:
         for k in range(case.n_slices):
             masks = case.slice_masks(k)
-            assert all(m.any() for m in masks.values())
+            drawn += [bool(m.any()) for m in masks.values()]
             repeat.append(dice(masks["R1A"], masks["R1B"]))
             others.append(np.mean([dice(masks["R1A"], masks[r]) for r in ("R2", "R3")]))
             scores.append(case.dsc_lesion(k))
     scores = np.array(scores)
+    # a reader may miss a faint lesion altogether, but rarely
+    assert np.mean(drawn) >= 0.9
     # the repeat of the reference reader agrees with it more than the other readers do
     assert np.mean(repeat) > np.mean(others)
     # agreement varies from slice to slice: difficulty is case-specific
