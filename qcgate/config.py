@@ -167,6 +167,14 @@ class DeliverySettings(_Section):
         return [Destination.parse(v) for v in self.destinations]
 
 
+class ObservabilitySettings(_Section):
+    """The HTTP endpoint for Prometheus (/metrics) and health checks (/healthz)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535, description="0: any free port")
+
+
 class LoggingSettings(_Section):
     level: str = "INFO"
     json_format: bool = False
@@ -189,6 +197,7 @@ class Settings(_Section):
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

@@ -69,6 +69,7 @@ class RunningGate:
     config_path: Path
     port: int
     log_path: Path
+    http_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     _logs: list[Path] = field(default_factory=list)
 
@@ -128,6 +129,17 @@ class RunningGate:
             cases = self.audit_cases()
         return cases
 
+    def http_get(self, path: str) -> tuple[int, str]:
+        """GET from the gate's metrics/health endpoint."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
     def sql(self, query: str) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query against the gate's database."""
         from sqlalchemy import text
@@ -169,11 +181,13 @@ def make_gate(tmp_path: Path, db_url: str) -> Iterator[Any]:
             # Node tests only queue jobs; pipeline tests ask for workers.
             "pipeline": {"workers": 0, **sections.get("pipeline", {})},
             "delivery": {"poll_interval_seconds": 0.2, **sections.get("delivery", {})},
+            "observability": {"port": free_port(), **sections.get("observability", {})},
             "logging": {"level": "INFO"},
         }
         config_path = tmp_path / f"gate{index}.toml"
         write_config(config_path, config)
-        gate = RunningGate(data_dir=data_dir, config_path=config_path, port=port, log_path=tmp_path / f"gate{index}.log")
+        gate = RunningGate(data_dir=data_dir, config_path=config_path, port=port, log_path=tmp_path / f"gate{index}.log",
+                           http_port=int(config["observability"]["port"]))
         gates.append(gate)
         if start:
             gate.start()

@@ -49,6 +49,7 @@ class IngestResult:
     message: str
     sop_instance_uid: str | None = None
     case_id: int | None = None
+    reason_code: str | None = None  # for refusals and conflicts
 
 
 class Ingestor:
@@ -72,7 +73,7 @@ class Ingestor:
             incoming.unlink(missing_ok=True)
         message = f"free disk {self.spool.free_mb():.0f} MB is below the {self.min_free_mb:.0f} MB watermark"
         self._record_refusal(association_id, sop_instance_uid, None, "disk-full", message, STATUS_OUT_OF_RESOURCES, None)
-        return IngestResult(STATUS_OUT_OF_RESOURCES, "refused", message, sop_instance_uid)
+        return IngestResult(STATUS_OUT_OF_RESOURCES, "refused", message, sop_instance_uid, reason_code="disk-full")
 
     def ingest(
         self,
@@ -175,7 +176,7 @@ class Ingestor:
         })
         self._record_refusal(association_id, sop_uid, sop_class, code, message, status, kept)
         LOG.warning("refused %s with 0x%04X (%s): %s", sop_uid or "instance", status, code, message)
-        return IngestResult(status, "refused", message, sop_uid)
+        return IngestResult(status, "refused", message, sop_uid, reason_code=code)
 
     def _record_refusal(self, association_id: int | None, sop_uid: str | None, sop_class: str | None, code: str, message: str, status: int, kept: Path | None) -> None:
         with self.session_factory() as session, session.begin():

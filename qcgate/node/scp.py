@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qcgate.config import NodeSettings
 from qcgate.node.dicom_header import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
 from qcgate.node.ingest import STATUS_OUT_OF_RESOURCES, Ingestor
+from qcgate.observability.metrics import MetricsRegistry
 from qcgate.store.models import AssociationRecord, utcnow
 
 LOG = logging.getLogger("qcgate.node")
@@ -95,8 +96,10 @@ def build_ssl_context(node: NodeSettings) -> ssl.SSLContext | None:
 class GateNode:
     """The Storage SCP. ``start()`` binds and returns; ``stop()`` shuts the listener down."""
 
-    def __init__(self, node: NodeSettings, ingestor: Ingestor, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, node: NodeSettings, ingestor: Ingestor, session_factory: sessionmaker[Session],
+                 metrics: MetricsRegistry | None = None) -> None:
         self.settings = node
+        self.metrics = metrics or MetricsRegistry()
         self.ingestor = ingestor
         self.session_factory = session_factory
         self._states: dict[int, _AssociationState] = {}
@@ -177,6 +180,7 @@ class GateNode:
             return
         reason, diagnostic = refusal
         LOG.warning("association from %s@%s:%d rejected: %s", calling, host, port, reason)
+        self.metrics.increment("qcgate_associations_total", outcome="rejected")
         self._write_association(AssociationRecord(
             calling_ae=calling[:16], called_ae=called[:16], peer_host=host[:64], peer_port=port,
             ended_at=utcnow(), outcome="rejected", reason=reason,
@@ -196,6 +200,7 @@ class GateNode:
             return
         LOG.warning("association from %s@%s:%d rejected: limit of %d concurrent associations reached",
                     calling, host, port, self.settings.max_associations)
+        self.metrics.increment("qcgate_associations_total", outcome="rejected")
         self._write_association(AssociationRecord(
             calling_ae=calling[:16], called_ae=self.settings.ae_title, peer_host=host[:64], peer_port=port,
             ended_at=utcnow(), outcome="rejected", reason="association limit reached",
@@ -211,6 +216,7 @@ class GateNode:
             peer_port=port,
         )
         state = _AssociationState(record_id=self._write_association(record))
+        self.metrics.increment("qcgate_associations_total", outcome="accepted")
         with self._states_lock:
             self._states[id(assoc)] = state
         LOG.info("association %s accepted from %s@%s:%d", state.record_id, record.calling_ae, host, port)
@@ -276,12 +282,17 @@ class GateNode:
         except (SQLAlchemyError, OSError) as exc:
             # Nothing was acknowledged, so nothing is lost: the sender keeps its copy and retries.
             LOG.error("refused %s with 0xA700: storage unavailable: %s", sop_uid, exc)
+            self.metrics.increment("qcgate_instances_refused_total", reason="storage-unavailable")
             return _status(STATUS_OUT_OF_RESOURCES, "storage unavailable, retry later")
         with state.lock:
             if result.status == 0x0000:
                 state.stored += 1
             else:
                 state.refused += 1
+        if result.outcome == "refused":
+            self.metrics.increment("qcgate_instances_refused_total", reason=result.reason_code or "unknown")
+        else:
+            self.metrics.increment("qcgate_instances_received_total", sop_class=sop_class, outcome=result.outcome)
         return _status(result.status, result.message)
 
 

@@ -14,6 +14,8 @@ from qcgate.node import systemd
 from qcgate.node.ingest import Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
+from qcgate.observability.http import ObservabilityServer
+from qcgate.observability.metrics import MetricsRegistry, render
 from qcgate.pipeline.assembler import AssemblerThread
 from qcgate.pipeline.dispatcher import Dispatcher
 from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
@@ -31,12 +33,19 @@ class GateService:
         self.session_factory = make_session_factory(self.engine)
         self.spool = Spool(settings.storage.data_dir, fsync=settings.storage.fsync)
         self.ingestor = Ingestor(self.spool, self.session_factory, min_free_mb=settings.storage.min_free_mb)
-        self.node = GateNode(settings.node, self.ingestor, self.session_factory)
+        self.metrics = MetricsRegistry()
+        self.node = GateNode(settings.node, self.ingestor, self.session_factory, self.metrics)
         self.assembler = AssemblerThread(self.session_factory, settings.assembly)
         # workers = 0: this node only queues jobs; `qcgate worker` processes run them elsewhere.
         self.dispatcher = Dispatcher(settings, self.session_factory) if settings.pipeline.workers > 0 else None
         self.outbox = Outbox(settings.delivery, self.session_factory, self.spool.data_dir, settings.node.ae_title)
         self._stopped = threading.Event()
+        observability = settings.observability
+        self.http = ObservabilityServer(
+            observability.host, observability.port,
+            metrics=lambda: render(self.metrics, self.session_factory, self.is_alive),
+            health=self.health_checks,
+        ) if observability.enabled else None
 
     def start(self) -> None:
         leftovers = self.spool.purge_incoming()
@@ -47,19 +56,39 @@ class GateService:
             self.dispatcher.start()
         self.outbox.start()
         self.node.start()
+        if self.http is not None:
+            self.http.start()
 
-    def is_alive(self) -> bool:
-        """Liveness for the watchdog: database reachable, spool writable, assembler and dispatcher running."""
+    def health_checks(self) -> dict[str, bool]:
+        """Each liveness check: database reachable, spool writable, disk above the watermark, threads alive."""
+        checks: dict[str, bool] = {}
         try:
             with self.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
+            checks["database"] = True
+        except Exception as exc:  # any failure means "not reachable"
+            LOG.error("health: database unreachable: %s", exc)
+            checks["database"] = False
+        try:
             probe = self.spool.incoming / ".alive"
             probe.write_bytes(b"1")
             probe.unlink()
-        except Exception as exc:  # any failure here means "not alive"
-            LOG.error("liveness check failed: %s", exc)
-            return False
-        return self.assembler.is_alive() and (self.dispatcher is None or self.dispatcher.is_alive())
+            checks["spool_writable"] = True
+        except OSError as exc:
+            LOG.error("health: spool not writable: %s", exc)
+            checks["spool_writable"] = False
+        checks["disk_above_watermark"] = not self.ingestor.disk_is_low()
+        checks["assembler"] = self.assembler.is_alive()
+        checks["workers"] = self.dispatcher is None or self.dispatcher.is_alive()
+        checks["delivery"] = all(worker.is_alive() for worker in self.outbox.workers)
+        return checks
+
+    def is_alive(self) -> bool:
+        """Liveness for the watchdog: every check but the disk watermark passes. A full disk is
+        reported by /healthz and refused with A700, but restarting the process would not free space."""
+        checks = self.health_checks()
+        checks.pop("disk_above_watermark")
+        return all(checks.values())
 
     def run_forever(self) -> None:
         """Serve until SIGTERM/SIGINT, feeding the systemd watchdog while alive."""
@@ -78,6 +107,8 @@ class GateService:
     def stop(self) -> None:
         LOG.info("shutting down")
         self.node.stop()
+        if self.http is not None:
+            self.http.stop()
         self.assembler.stop()
         self.assembler.join(timeout=10)
         if self.dispatcher is not None:

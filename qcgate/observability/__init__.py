@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics and a health endpoint that reflects real liveness."""
