@@ -132,3 +132,15 @@ def test_fourier_snr_half_spectrum_equals_full_spectrum(shape: tuple[int, int]) 
     low, high = power[(radial > 0) & (radial <= 0.25)].sum(), power[radial > 0.25].sum()
     floor = 1e-10 * power.sum()
     assert fourier_snr_db(data) == pytest.approx(10 * math.log10((low + floor) / (high + floor)), rel=1e-12)
+
+
+def test_direct_dwt_kernel_equals_public_pywt_dwt() -> None:
+    from qcgate.features.wavelets import _dwt_axis, _wavelet
+
+    data = np.random.default_rng(13).normal(size=(9, 14))
+    for name in ("db1", "db2"):
+        for axis in (0, 1):
+            ours = _dwt_axis(data, _wavelet(name), axis)
+            theirs = pywt.dwt(data, name, mode="zero", axis=axis)
+            for a, b in zip(ours, theirs):
+                np.testing.assert_array_equal(a, b)
