@@ -151,7 +151,10 @@ def extract_slice_features(
     lesion = np.asarray(lesion_mask, dtype=bool)
     if lesion.ndim != 2:
         raise ValueError(f"lesion mask must be 2-D, got shape {lesion.shape}")
-    image = None if image_hu is None else np.asarray(image_hu, dtype=np.float64)
+    image = None if image_hu is None else np.asarray(image_hu)
+    if image is not None and image.dtype.kind not in "iuf":
+        image = image.astype(np.float64)
+    # Integer HU (as read from DICOM) stay integer here: only the small crops are converted to float64.
     if image is not None and image.shape != lesion.shape:
         raise ValueError(f"image {image.shape} and lesion mask {lesion.shape} differ in shape")
     if lung_mask is not None:

@@ -145,3 +145,12 @@ def test_lung_fitted_position_map_uses_the_computed_lung_mask(phantom: ChestPhan
     # Without an image there is no lung mask: the lung-fitted map cannot score, orthodoxy falls back.
     mask_only = extract_slice_features(None, phantom.lesion, SPACING, position_map=position_map)
     assert mask_only["geometry"].flags == ("geometry.positional_orthodoxy",)
+
+
+def test_integer_hu_input_gives_the_same_features(phantom: ChestPhantom) -> None:
+    as_int16 = np.round(phantom.image).astype(np.int16)
+    from_int = extract_slice_features(as_int16, phantom.lesion, SPACING)
+    from_float = extract_slice_features(as_int16.astype(np.float64), phantom.lesion, SPACING)
+    for group in from_float:
+        np.testing.assert_allclose(from_int[group].values, from_float[group].values, rtol=1e-12)
+        assert from_int[group].flags == from_float[group].flags
