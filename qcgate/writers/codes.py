@@ -96,6 +96,8 @@ Q_SOURCE_CODES: dict[str, Code] = {
     "regressor": _private("QSRC-REGRESSOR", "Site-trained quality regressor"),
     "none": _private("QSRC-NONE", "No quality estimate available"),
 }
+#: A q source this version does not know (its name then goes into a Comment of the summary).
+Q_SOURCE_OTHER = _private("QSRC-OTHER", "Other quality estimate source")
 
 #: UM statistics (qcgate.features.uncertainty names) -> (code, unit).
 _UM_MEANINGS: dict[str, tuple[str, Code]] = {

@@ -32,6 +32,7 @@ from pathlib import Path
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from qcgate import __version__
@@ -73,11 +74,11 @@ def _algorithm(result: CaseResult) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _ratio(name: hd.sr.CodedConcept | object, value: float) -> hd.sr.Measurement:
+def _ratio(name: Code, value: float) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=qc_codes.UNIT_RATIO)
 
 
-def _slice_group(item: SliceResult, result: CaseResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The TID 1501 group of one lesion slice."""
     measurements = [_ratio(qc_codes.TAU, item.tau)]
     evaluations = [hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_ASSESSMENT, value=qc_codes.VERDICT_CODES[item.verdict])]
@@ -108,16 +109,18 @@ def _slice_group(item: SliceResult, result: CaseResult, algorithm: hd.sr.Algorit
     )
 
 
-def _count(name: object, value: int, unit: object) -> hd.sr.Measurement:
+def _count(name: Code, value: int, unit: Code) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=unit)
 
 
 def _summary_group(result: CaseResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The series summary group: verdict, policy, counts, q source, members, UM use, notes."""
     verdicts = [item.verdict for item in result.slices]
-    q_source = qc_codes.Q_SOURCE_CODES.get(result.q_source)
-    if q_source is None:
-        raise InputError(f"QC SR: unknown q source {result.q_source!r}; expected one of {sorted(qc_codes.Q_SOURCE_CODES)}")
+    # An unknown q source must not fail the job: code it as "other" and name it in a comment.
+    q_source = qc_codes.Q_SOURCE_CODES.get(result.q_source, qc_codes.Q_SOURCE_OTHER)
+    notes = list(result.notes)
+    if result.q_source not in qc_codes.Q_SOURCE_CODES:
+        notes.append(f"q source: {result.q_source}")
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Series QC summary"),
         finding_type=qc_codes.SERIES_QC_FINDING,
@@ -141,7 +144,7 @@ def _summary_group(result: CaseResult, algorithm: hd.sr.AlgorithmIdentification)
     container.ContentSequence.append(hd.sr.TextContentItem(
         name=qc_codes.SERIES_POLICY, value=_text(result.series_policy or "not stated"), relationship_type="CONTAINS",
     ))
-    for note in result.notes:
+    for note in notes:
         container.ContentSequence.append(hd.sr.TextContentItem(
             name=qc_codes.COMMENT, value=_text(note), relationship_type="CONTAINS",
         ))
@@ -171,7 +174,7 @@ def build_qc_sr(
             raise InputError(f"QC SR: slice {item.slice_index} references an image that is not in the CT series")
 
     algorithm = _algorithm(result)
-    groups = [_slice_group(item, result, algorithm) for item in sorted(result.slices, key=lambda s: s.slice_index)]
+    groups = [_slice_group(item, algorithm) for item in sorted(result.slices, key=lambda s: s.slice_index)]
     groups.append(_summary_group(result, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
@@ -243,12 +246,12 @@ class QcReport:
     observer_model_name: str
 
 
-def _single_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: object) -> float | None:
+def _single_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: Code) -> float | None:
     found = group.get_measurements(name=concept)
     return float(found[0].value) if found else None
 
 
-def _single_code(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: object) -> hd.sr.CodedConcept | None:
+def _single_code(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: Code) -> hd.sr.CodedConcept | None:
     found = group.get_qualitative_evaluations(name=concept)
     return found[0].value if found else None
 

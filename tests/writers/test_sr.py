@@ -118,3 +118,13 @@ def test_q_unknown_synthetic_case(q_unknown_case: WriterCase, tmp_path: Path) ->
     assert dciodvfy_errors(path) == []
     _assert_groups_round_trip(path, q_unknown_case)
     assert read_qc_sr(path).counts[Verdict.REVIEW] == 2
+
+
+def test_unknown_q_source_is_coded_as_other_and_named(synthetic_case: WriterCase, tmp_path: Path) -> None:
+    synthetic_case.result.q_source = "site-regressor-v2"
+    path = write_qc_sr(synthetic_case.result, tmp_path / "qc-sr.dcm")
+    assert dciodvfy_errors(path) == []
+    report = hd.sr.srread(path).content
+    summary = report.get_image_measurement_groups(finding_type=qc_codes.SERIES_QC_FINDING)[0]
+    assert summary.get_qualitative_evaluations(name=qc_codes.Q_SOURCE)[0].value.value == qc_codes.Q_SOURCE_OTHER.value
+    assert "q source: site-regressor-v2" in read_qc_sr(path).notes
