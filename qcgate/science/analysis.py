@@ -77,15 +77,6 @@ class FeatureTable:
         return self.values[:, columns], [self.feature_names[c] for c in columns]
 
 
-SliceTask = tuple[
-    int,  # slice index
-    "np.ndarray | None",  # image
-    np.ndarray,  # feature mask
-    "np.ndarray | None",  # lung mask
-    "np.ndarray | None",  # uncertainty map
-]
-
-
 @dataclass
 class CaseTask:
     """What a worker needs to extract features for the lesion slices of one case."""

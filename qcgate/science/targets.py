@@ -27,7 +27,8 @@ from qcgate.errors import InputError
 EMPTY_PAIR_DICE = 1.0
 
 
-def _as_bool(mask: np.ndarray, name: str) -> np.ndarray:
+def _as_bool(mask: np.ndarray) -> np.ndarray:
+    """Bool view of a mask: floats binarise at > 0.5 (probabilities), integers at != 0."""
     array = np.asarray(mask)
     if array.dtype != bool:
         array = array > 0.5 if np.issubdtype(array.dtype, np.floating) else array != 0
@@ -40,8 +41,8 @@ def dice(mask_a: np.ndarray, mask_b: np.ndarray) -> float:
     DSC(A, B) = 2 |A ∩ B| / (|A| + |B|), with DSC = 1.0 when |A| + |B| = 0 (both empty).
     Float masks are binarised at > 0.5, integer masks at != 0. Shapes must match.
     """
-    a = _as_bool(mask_a, "mask_a")
-    b = _as_bool(mask_b, "mask_b")
+    a = _as_bool(mask_a)
+    b = _as_bool(mask_b)
     if a.shape != b.shape:
         raise InputError(f"dice: mask shapes differ: {a.shape} vs {b.shape}")
     total = int(a.sum()) + int(b.sum())
@@ -64,7 +65,7 @@ def mean_pairwise_dice(masks: Sequence[np.ndarray]) -> float | None:
     i < j in which at least one of M_i, M_j is non-empty. Returns None when fewer than two masks are
     given or when every mask is empty (not a lesion slice).
     """
-    arrays = [_as_bool(m, f"mask {i}") for i, m in enumerate(masks)]
+    arrays = [_as_bool(m) for m in masks]
     if len(arrays) < 2:
         return None
     scores = [s for a, b in itertools.combinations(arrays, 2) if (s := _informative_dice(a, b)) is not None]
@@ -80,10 +81,10 @@ def dsc_lesion_vs_reference(reference: np.ndarray, others: Sequence[np.ndarray])
     readers and the reference reader's repeat, and Q keeps the k for which M_k or M_ref is non-empty.
     Returns None when ``others`` is empty or every mask (reference included) is empty.
     """
-    ref = _as_bool(reference, "reference")
+    ref = _as_bool(reference)
     scores = []
     for k, other in enumerate(others):
-        candidate = _as_bool(other, f"reader {k}")
+        candidate = _as_bool(other)
         if candidate.shape != ref.shape:
             raise InputError(f"dsc_lesion_vs_reference: reader {k} mask shape {candidate.shape} != {ref.shape}")
         score = _informative_dice(candidate, ref)

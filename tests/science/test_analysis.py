@@ -113,3 +113,26 @@ def test_individual_reader_scores_follow_the_reference() -> None:
     scores = individual_reader_scores(Cohort("x", [case]), table)
     assert scores["R1B"].tolist() == [1.0]
     assert scores["R2"] == pytest.approx([2 * 2 / 6, 0.0])
+
+
+def test_every_group_on_a_small_phantom_with_the_ai_mask(tmp_path: Path) -> None:
+    """Image groups and UM metrics come out finite and named per group; the AI mask drives features."""
+    from qcgate.phantom.generator import PhantomConfig, generate_cohort
+    from qcgate.science.analysis import extract_feature_table
+
+    cohort = generate_cohort(PhantomConfig(patients=3, seed=4, slices_min=2, slices_max=2), workers=1)
+    reference = extract_feature_table(cohort, workers=1, progress=False)
+    ai = extract_feature_table(cohort, workers=2, progress=False, feature_mask="ai")
+    assert list(reference.groups) == ["imaging", "texture", "border", "geometry", "uncertainty"]
+    for table in (reference, ai):
+        assert np.all(np.isfinite(table.values))
+        for group, columns in table.groups.items():
+            assert all(table.feature_names[c].startswith(group + ".") for c in columns)
+    # same targets, different feature mask -> different geometry (slices the AI missed drop out)
+    ai_rows = {(c, k): i for i, (c, k) in enumerate(zip(ai.case_ids, ai.slice_indices))}
+    pairs = [(i, ai_rows[key]) for i, key in enumerate(zip(reference.case_ids, reference.slice_indices)) if key in ai_rows]
+    assert len(pairs) >= len(reference) // 2
+    ref_rows, ai_matched = np.array(pairs).T
+    np.testing.assert_array_equal(reference.dsc_lesion[ref_rows], ai.dsc_lesion[ai_matched])
+    area = reference.feature_names.index("geometry.area_mm2")
+    assert not np.allclose(reference.values[ref_rows, area], ai.values[ai_matched, area])
