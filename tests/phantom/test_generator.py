@@ -115,3 +115,13 @@ def test_written_files_are_labelled_synthetic_and_dicom_valid(tmp_path: Path) ->
     pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in cts], segment_numbers=[1],
                                                assert_missing_frames_are_empty=True)[..., 0]
     np.testing.assert_array_equal(pixels.astype(bool), case.reader_masks["R2"])
+
+
+def test_cli_refuses_a_non_empty_output_and_bad_counts(tmp_path: Path, capsys) -> None:
+    from qcgate.cli import main
+
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["phantom", "--patients", "1", "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["phantom", "--patients", "1", "--members", "1", "--out", str(tmp_path / "new")]) == 2
+    assert "at least 2 members" in capsys.readouterr().err
