@@ -5,13 +5,14 @@ Steps (scipy.ndimage only):
 2. drop air components touching the image border (outside-body air, table gaps);
 3. keep the largest component, plus the second one when it is at least ``second_fraction`` of the first
    (two lungs, or one when they touch or only one is in the slice); components under ``min_area_px`` are noise;
-4. binary closing (disc radius ``closing_radius_px``) then hole filling, so vessels and nodules inside
+4. binary closing (a square of half-width ``closing_radius_px``: separable max/min filters, about twice
+   as fast as a disc) then hole filling, so vessels and nodules inside
    the lung belong to it.
 
 For cost the steps run on the slice subsampled by ``downsample`` (2: a 512² slice becomes 256², four
 times cheaper); the result is upsampled by pixel repetition and its outermost coarse ring is re-thresholded
 at full resolution (kept where HU < threshold), so the outline is nearly full-resolution. On the lung1/lung2
-CT slices the Dice against ``downsample=1`` is 0.98–0.997 at 2 (≈ 3.5 ms) and 0.95–0.99 at 4 (≈ 2 ms).
+CT lesion slices the Dice against ``downsample=1`` is 0.98–0.996 at 2 (≈ 2–3 ms) and 0.94–0.99 at 4.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ import numpy as np
 from scipy import ndimage
 
 LUNG_THRESHOLD_HU = -400.0
-
-
-def _disc(radius: int) -> np.ndarray:
-    grid_r, grid_c = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return grid_r**2 + grid_c**2 <= radius**2
 
 
 def lung_mask_from_hu(
@@ -73,7 +69,7 @@ def lung_mask_from_hu(
     cols = np.flatnonzero(lungs.any(axis=0))
     box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
     local = np.pad(lungs[box], pad)  # padding keeps a lung touching the frame from being eroded by it
-    closed = ndimage.binary_closing(local, structure=_disc(closing_radius_px))
+    closed = _square_closing(local, closing_radius_px)
     filled_padded = _fill_holes(closed)
     filled = filled_padded[pad:-pad, pad:-pad]
     if step == 1:
@@ -104,6 +100,14 @@ def _upsample(mask: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray
     rows, cols = mask.shape
     repeated = np.broadcast_to(mask[:, None, :, None], (rows, step, cols, step)).reshape(rows * step, cols * step)
     return np.ascontiguousarray(repeated[: shape[0], : shape[1]])
+
+
+def _square_closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """M • S = (M ⊕ S) ⊖ S with S the (2r+1)² square, as separable max then min filters (uint8).
+    The caller pads M by more than r, so the filters' edge handling never matters."""
+    size = 2 * radius + 1
+    dilated = ndimage.maximum_filter(mask.view(np.uint8), size=size)
+    return ndimage.minimum_filter(dilated, size=size).astype(bool)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -105,3 +105,16 @@ def test_safe_ratio() -> None:
     assert safe_ratio(0.0, 0.0) == (RATIO_FALLBACK, True)
     assert safe_ratio(float("nan"), 2.0) == (RATIO_FALLBACK, True)
     assert safe_ratio(5.0, float("inf")) == (RATIO_FALLBACK, True)
+
+
+def test_square_closing_equals_binary_closing() -> None:
+    from scipy import ndimage
+
+    from qcgate.features.lung import _square_closing
+
+    mask = np.pad(np.random.default_rng(3).random((40, 50)) > 0.55, 4)
+    for radius in (1, 2, 3):
+        expected = ndimage.binary_closing(mask, structure=np.ones((2 * radius + 1,) * 2, bool))
+        # binary_closing erodes the frame's edge (border_value 0); compare away from it.
+        inner = (slice(radius + 1, -radius - 1),) * 2
+        np.testing.assert_array_equal(_square_closing(mask, radius)[inner], expected[inner])
