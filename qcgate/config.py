@@ -117,6 +117,7 @@ class PipelineSettings(_Section):
     reject_fraction: float = Field(default=0.25, gt=0, le=1, description="for series_policy = fraction")
     lesion_segment_labels: list[str] = Field(default_factory=lambda: ["lesion"])
     write_report: bool = True
+    write_uncertainty_map: bool = Field(default=False, description="also send a Parametric Map of the uncertainty map")
 
     @field_validator("series_policy")
     @classmethod

@@ -217,9 +217,3 @@ def write_phantom_case(out_dir: Path, seed: int = 3, members: int = 2) -> tuple[
     write_cohort_dicom(cohort, out_dir)
     case_dir = next(p for p in out_dir.iterdir() if p.is_dir())
     return sorted((case_dir / "ct").glob("*.dcm")), sorted(case_dir.glob("seg_ai_member*.dcm"))
-
-
-def dciodvfy_error_lines(path: Path) -> list[str]:
-    """dciodvfy exits 0 even on errors: the lines that start with 'Error'."""
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]

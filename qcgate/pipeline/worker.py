@@ -174,6 +174,12 @@ def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings,
         seg_path = write_qc_seg(result, out_dir / "qc-seg.dcm")
         seg_dataset = pydicom.dcmread(seg_path, stop_before_pixels=True)
         outputs["seg"] = (seg_path, seg_dataset)
+    if settings.write_uncertainty_map:
+        from qcgate.writers.pmap import has_uncertainty_map, write_qc_pmap
+
+        if has_uncertainty_map(result):
+            pmap_path = write_qc_pmap(result, out_dir / "qc-uncertainty-pmap.dcm")
+            outputs["pmap"] = (pmap_path, pydicom.dcmread(pmap_path, stop_before_pixels=True))
     sr_path = write_qc_sr(result, out_dir / "qc-sr.dcm", qc_seg=seg_dataset)
     outputs["sr"] = (sr_path, pydicom.dcmread(sr_path, stop_before_pixels=True))
     if settings.write_report:

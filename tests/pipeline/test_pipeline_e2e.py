@@ -14,7 +14,6 @@ import pytest
 from tests.support import (
     DCMQI_LIVER,
     dcmtk_env,
-    dciodvfy_error_lines,
     free_port,
     storescu,
     write_lung2_case,
@@ -83,15 +82,27 @@ def case_done(gate) -> dict | None:  # type: ignore[no-untyped-def]
     return cases[0] if cases and cases[0]["state"] == "done" else None
 
 
-def check_outputs(received: list[pydicom.Dataset], ct_files: list[Path], n_lesion_slices: int) -> None:
-    by_class = {str(ds.SOPClassUID): ds for ds in received}
-    assert set(by_class) == {SEG_CLASS, SR_CLASS}
+def check_outputs(pacs: "StoreSCP", ct_files: list[Path], slices: list[dict]) -> None:
+    """The PACS holds one QC SEG and one QC SR that pass dciodvfy and read back with highdicom,
+    referencing the right CT slices with the values the audit database holds."""
+    from qcgate.writers.sr import read_qc_sr
+    from qcgate.writers.validate import dciodvfy_errors
+
+    files = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID): p for p in sorted(pacs.folder.iterdir())}
+    assert set(files) == {SEG_CLASS, SR_CLASS} and len(list(pacs.folder.iterdir())) == 2
+    for path in files.values():
+        assert dciodvfy_errors(path) == [], path.name
     ct_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct_files}
-    seg = hd.seg.Segmentation.from_dataset(by_class[SEG_CLASS])
+    seg = hd.seg.segread(files[SEG_CLASS])
     assert {str(uid) for _, _, uid in seg.get_source_image_uids()} <= ct_uids
-    sr = hd.sr.Comprehensive3DSR.from_dataset(by_class[SR_CLASS])
-    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_image_measurement_groups() if hasattr(sr.content, "get_image_measurement_groups") else sr.content.get_planar_roi_measurement_groups()
-    assert len(groups) >= n_lesion_slices
+    report = read_qc_sr(files[SR_CLASS])
+    by_uid = {s["sop_instance_uid"]: s for s in slices}
+    assert sorted(s.sop_instance_uid for s in report.slices) == sorted(by_uid)
+    for item in report.slices:
+        expected = by_uid[item.sop_instance_uid]
+        assert item.tau == pytest.approx(expected["tau"], abs=1e-4)
+        assert item.verdict.value == expected["verdict"]
+        assert (item.q is None) == (expected["q"] is None)
 
 
 def test_a_synthetic_case_flows_from_storescu_to_the_pacs(make_gate, pacs: StoreSCP, tmp_path: Path) -> None:
@@ -107,10 +118,8 @@ def test_a_synthetic_case_flows_from_storescu_to_the_pacs(make_gate, pacs: Store
     assert len(info["slices"]) >= 1
     assert all(s["verdict"] in ("accept", "review", "reject") and 0 <= s["tau"] <= 1 for s in info["slices"])
     assert gate.sql("SELECT count(*) FROM slice_results") == [(len(info["slices"]),)]
-    received = wait_until(lambda: len(pacs.received()) >= 2 and pacs.received())
-    for path in sorted(pacs.folder.iterdir()):
-        assert dciodvfy_error_lines(path) == [], path.name
-    check_outputs(received, ct_files, len(info["slices"]))
+    wait_until(lambda: len(pacs.received()) >= 2)
+    check_outputs(pacs, ct_files, info["slices"])
     deliveries = wait_until(lambda: [d for d in gate_deliveries(gate) if d["state"] == "sent"])
     assert sorted(d["kind"] for d in deliveries) == ["seg", "sr"]
 
@@ -141,10 +150,8 @@ def test_real_lung2_ct_with_a_two_member_fractional_ensemble(make_gate, pacs: St
     assert info["n_members"] == 2 and info["uses_uncertainty"] is True
     assert 8 <= len(info["slices"]) <= 11  # the label spans 11 slices; blurred edges may drop tiny ones
     assert all(s["um_mean"] is not None and s["um_mean"] > 0 for s in info["slices"])
-    received = wait_until(lambda: len(pacs.received()) >= 2 and pacs.received())
-    for path in sorted(pacs.folder.iterdir()):
-        assert dciodvfy_error_lines(path) == [], path.name
-    check_outputs(received, ct_files, len(info["slices"]))
+    wait_until(lambda: len(pacs.received()) >= 2)
+    check_outputs(pacs, ct_files, info["slices"])
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -159,9 +166,8 @@ def test_dcmqi_liver_with_one_member_goes_to_review_with_its_threshold(make_gate
     assert info["slices"] and all(s["verdict"] == "review" and s["q"] is None and 0 <= s["tau"] <= 1 for s in info["slices"])
     assert "no uncertainty map" in info["notes"]
     assert "no lung found" in info["notes"]  # abdominal CT: the imaging group falls back, nothing crashes
-    received = wait_until(lambda: len(pacs.received()) >= 2 and pacs.received())
-    for path in sorted(pacs.folder.iterdir()):
-        assert dciodvfy_error_lines(path) == [], path.name
+    wait_until(lambda: len(pacs.received()) >= 2)
+    check_outputs(pacs, files[:3], info["slices"])
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
