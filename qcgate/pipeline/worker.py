@@ -129,7 +129,9 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     key_features = model.key_features(inputs, top=5) if inputs else []
     timer.lap("thresholds")
 
-    margin = settings.margin if settings.margin is not None else float(model.validation_mae)
+    # The margin defaults to the validation MAE of the sub-model that actually answered.
+    model_mae = model.validation_mae if use_uncertainty else getattr(model, "validation_mae_without_uncertainty", model.validation_mae)
+    margin = settings.margin if settings.margin is not None else float(model_mae)
     pixel_area = ct.pixel_spacing[0] * ct.pixel_spacing[1]
     slices: list[SliceResult] = []
     for position, k in enumerate(lesion_slices):
