@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qcgate.store.commands",
     "qcgate.science.commands",
     "qcgate.pipeline.commands",
+    "qcgate.predictors.commands",
     "qcgate.demo",
 )
 

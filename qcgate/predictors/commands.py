@@ -1,0 +1,160 @@
+"""Sub-commands `qcgate train` and `qcgate evaluate` (the paper's Table 3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from qcgate.errors import InputError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("cohort", type=Path, metavar="COHORT",
+                        help="a qcgate cohort directory (cohort.json) or an LIDC-layout directory")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="outer patient-grouped folds (default 5; 0 = leave-one-patient-out)")
+    parser.add_argument("--repeats", type=_positive_int, default=20, help="simulation repeats (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulation and the ResNet (default 0)")
+    parser.add_argument("--sim-mean", type=float, default=None,
+                        help="mean of the synthetic DSC (default: the cohort's mean DSC Lesion)")
+    parser.add_argument("--sim-sd", type=float, default=None,
+                        help="SD of the synthetic DSC (default: the cohort's SD of DSC Lesion)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="ResNet epochs (default 20)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="plain Ridge (no median calibration of its output)")
+    parser.add_argument("--max-patients", type=_positive_int, default=None)
+    parser.add_argument("--workers", type=_positive_int, default=1, help="feature extraction processes (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train` and `evaluate` to the qcgate command line."""
+    train = subparsers.add_parser(
+        "train", help="train a threshold model (Ridge, Mish-ResNet or ensemble) and write its directory",
+        description="Cross-validate (Table 3 of the training cohort), fit on every lesion slice, and write "
+        "the model directory: manifest with sha256 of every file, Ridge as JSON, ResNet weights as "
+        "safetensors, position map, model card. See docs/PREDICTORS.md.",
+    )
+    _add_common(train)
+    train.add_argument("--model", choices=("ridge", "resnet", "ensemble"), required=True, dest="kind")
+    train.add_argument("--out", type=Path, required=True, help="model directory, e.g. models/NAME")
+    train.add_argument("--name", default=None, help="model name (default: the directory name)")
+    train.add_argument("--version", default="1")
+    train.add_argument("--description", default="", help="training data description for the manifest and card")
+    train.add_argument("--intended-use", default="", help="model card: intended use")
+    train.add_argument("--limits", default="", help="model card: limits")
+    train.add_argument("--force", action="store_true", help="replace an existing model directory")
+    train.set_defaults(handler=run_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate", help="Table 3: threshold prediction MAE and the simulated clinical setting",
+        description="Without --model: every predictor the cohort supports under patient-grouped CV. With "
+        "--model DIR: score that trained model on COHORT with no refitting (global threshold = the "
+        "model's training mean).",
+    )
+    _add_common(evaluate)
+    evaluate.add_argument("--model", type=Path, default=None, dest="model_dir", metavar="DIR")
+    evaluate.add_argument("--kind", choices=("ridge", "resnet", "ensemble"), default="ensemble",
+                          help="without --model: which predictors to cross-validate (default ensemble = all)")
+    evaluate.add_argument("--out", type=Path, default=None, help="write CSV, Markdown, HTML, JSON and plots here")
+    evaluate.add_argument("--format", choices=("text", "json"), default="text")
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def _command_line() -> str:
+    return "qcgate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else ""
+
+
+def _resnet_config(args: argparse.Namespace):
+    from qcgate.predictors.resnet import ResNetConfig
+
+    config = ResNetConfig(seed=args.seed)
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    return config
+
+
+def _folds(args: argparse.Namespace) -> int | None:
+    if args.folds < 0 or args.folds == 1:
+        raise InputError(f"--folds must be 0 (leave-one-patient-out) or at least 2, got {args.folds}")
+    return None if args.folds == 0 else args.folds
+
+
+def _progress(args: argparse.Namespace):
+    from qcgate.predictors.evaluation import Progress
+
+    return Progress(enabled=not args.quiet and getattr(args, "format", "text") != "json")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from qcgate.cohort import load_cohort
+    from qcgate.predictors.evaluation import text_summary
+    from qcgate.predictors.training import train_model
+
+    _limit_threads()
+    cohort = load_cohort(args.cohort, max_patients=args.max_patients)
+    out, table3 = train_model(
+        cohort, args.kind, args.out, name=args.name, version=args.version, n_folds=_folds(args),
+        resnet_config=_resnet_config(args), calibrate=not args.no_calibration, repeats=args.repeats,
+        seed=args.seed, workers=args.workers, command=_command_line(), description=args.description,
+        intended_use=args.intended_use, limits=args.limits, progress=_progress(args), force=args.force,
+    )
+    print(text_summary(table3))
+    print(f"model written to {out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from qcgate.cohort import load_cohort
+    from qcgate.predictors.evaluation import cross_validated_table3, text_summary, trained_model_table3, write_outputs
+
+    _limit_threads()
+    cohort = load_cohort(args.cohort, max_patients=args.max_patients)
+    progress = _progress(args)
+    if args.model_dir is not None:
+        from qcgate.predictors import load_model
+
+        model = load_model(args.model_dir)
+        table3 = trained_model_table3(model, cohort, repeats=args.repeats, seed=args.seed,
+                                      simulation_mean=args.sim_mean, simulation_sd=args.sim_sd, progress=progress)
+    else:
+        from qcgate.predictors.dataset import build_rows
+
+        config = _resnet_config(args)
+        rows = build_rows(cohort, with_crops=args.kind in ("resnet", "ensemble"), crop_size=config.crop_size,
+                          workers=args.workers, progress=not args.quiet and args.format != "json")
+        table3 = cross_validated_table3(rows, kind=args.kind, n_folds=_folds(args), resnet_config=config,
+                                        calibrate=not args.no_calibration, repeats=args.repeats, seed=args.seed,
+                                        simulation_mean=args.sim_mean, simulation_sd=args.sim_sd, progress=progress)
+    if args.out is not None:
+        write_outputs(table3, args.out, command=_command_line())
+    if args.format == "json":
+        print(json.dumps(table3.to_dict(), indent=1))
+    else:
+        print(text_summary(table3))
+        if args.out is not None:
+            print(f"outputs in {args.out}")
+    return 0
+
+
+def _limit_threads() -> None:
+    """One BLAS thread: the machines this runs on are shared, and oversubscribed BLAS spins."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        pass
