@@ -110,11 +110,24 @@ def read_seg_on_ct(path: Path, ct_datasets: Sequence) -> np.ndarray:
     if not referenced & set(source_uids):
         raise InputError(f"{path}: references none of the CT images in the case's ct/ directory")
     segment = _lesion_segment(seg, path)
-    try:
-        pixels = seg.get_pixels_by_source_instance(
-            [uid for uid in source_uids if uid in referenced], segment_numbers=[segment],
-            assert_missing_frames_are_empty=True, rescale_fractional=True, dtype=np.float32,
+    wanted = [uid for uid in source_uids if uid in referenced]
+
+    def pixels_by_source(ignore_spatial_locations: bool) -> np.ndarray:
+        return seg.get_pixels_by_source_instance(
+            wanted, segment_numbers=[segment], assert_missing_frames_are_empty=True, rescale_fractional=True,
+            dtype=np.float32, ignore_spatial_locations=ignore_spatial_locations,
         )[..., 0]
+
+    try:
+        try:
+            pixels = pixels_by_source(False)
+        except (ValueError, RuntimeError) as exc:
+            if "spatial locations" not in str(exc):
+                raise
+            # Many real SEGs (e.g. dcmqi's) omit SpatialLocationsPreserved; the frame references
+            # still name the source image, which is what this mapping uses.
+            log.warning("%s: SpatialLocationsPreserved not stated; mapping frames by their source image", path)
+            pixels = pixels_by_source(True)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{path}: cannot map the segmentation onto the CT ({exc})") from exc
     full = np.zeros((len(source_uids), *pixels.shape[1:]), np.float32)

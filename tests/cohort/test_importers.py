@@ -108,3 +108,20 @@ def test_nifti_case_imports_and_checks_grids(tmp_path: Path) -> None:
         import_nifti_case(case)
     code = main(["import-cohort", str(tmp_path / "site"), "--format", "nifti", "--out", str(tmp_path / "o")])
     assert code == 2
+
+
+DCMQI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom" / "dcmqi-liver-ct-seg"
+
+
+def test_real_dcmqi_ct_and_seg_import(tmp_path: Path) -> None:
+    """A real GE CT with a dcmqi SEG (no SpatialLocationsPreserved) maps by source image."""
+    case = tmp_path / "site" / "liver"
+    shutil.copytree(DCMQI / "ct-3slice", case / "ct")
+    shutil.copy(DCMQI / "liver.dcm", case / "seg_reader_A.dcm")
+    imported = import_dicom_case(case)
+    assert imported.shape[1:] == (512, 512) and imported.n_slices >= 1
+    assert imported.reader_masks["A"].sum() > 1000
+    assert imported.image_hu.min() < -900 and imported.image_hu.max() > 100  # HU after rescale
+    shutil.copy(DCMQI / "partial_overlaps.dcm", case / "seg_reader_B.dcm")
+    with pytest.raises(InputError, match=r"seg_reader_B\.dcm: 5 segments and none is a lesion"):
+        import_dicom_case(case)
