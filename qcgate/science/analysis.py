@@ -222,9 +222,16 @@ def extract_feature_table(
     from qcgate.features import ALL_GROUPS
 
     if groups is None:
-        groups = [g for g in ALL_GROUPS if cohort.has_images or g == "geometry"]
-        if not any(c.ai_probabilities is not None and c.ai_probabilities.shape[0] >= 2 for c in cohort.cases):
+        # Only groups that every case can provide: a table needs the same columns in every row.
+        with_images = [c.image_hu is not None for c in cohort.cases]
+        with_ensemble = [c.ai_probabilities is not None and c.ai_probabilities.shape[0] >= 2 for c in cohort.cases]
+        groups = [g for g in ALL_GROUPS if all(with_images) or g in ("geometry", "uncertainty")]
+        if not all(with_ensemble):
             groups = [g for g in groups if g != "uncertainty"]
+        for label, flags in (("CT pixels (imaging, texture, border)", with_images),
+                             ("an AI ensemble of >= 2 members (uncertainty)", with_ensemble)):
+            if any(flags) and not all(flags):
+                log.warning("%d of %d cases lack %s: those groups are left out", flags.count(False), len(flags), label)
     groups = tuple(groups)
     tasks = build_case_tasks(cohort, groups, feature_mask, min_readers)
     if not tasks:

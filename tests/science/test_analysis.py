@@ -136,3 +136,14 @@ def test_every_group_on_a_small_phantom_with_the_ai_mask(tmp_path: Path) -> None
     np.testing.assert_array_equal(reference.dsc_lesion[ref_rows], ai.dsc_lesion[ai_matched])
     area = reference.feature_names.index("geometry.area_mm2")
     assert not np.allclose(reference.values[ref_rows, area], ai.values[ai_matched, area])
+
+
+def test_groups_are_those_every_case_provides(caplog: pytest.LogCaptureFixture) -> None:
+    from qcgate.phantom.generator import PhantomConfig, generate_cohort
+    from qcgate.science.analysis import extract_feature_table
+
+    cohort = generate_cohort(PhantomConfig(patients=2, seed=9, slices_min=1, slices_max=1), workers=1)
+    cohort.cases[1].image_hu = None  # this case has masks only
+    table = extract_feature_table(cohort, workers=1, progress=False)
+    assert list(table.groups) == ["geometry", "uncertainty"]
+    assert "lack CT pixels" in caplog.text
