@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 from qcgate.errors import InputError
@@ -74,8 +73,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=run_evaluate)
 
 
-def _command_line() -> str:
-    return "qcgate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else ""
+_OPTIONS = {  # attribute -> flag, for the reconstructed command line recorded in manifests and reports
+    "kind": "--model", "out": "--out", "model_dir": "--model", "folds": "--folds", "repeats": "--repeats",
+    "seed": "--seed", "sim_mean": "--sim-mean", "sim_sd": "--sim-sd", "epochs": "--epochs",
+    "max_patients": "--max-patients", "name": "--name", "version": "--version", "description": "--description",
+    "intended_use": "--intended-use", "limits": "--limits",
+}
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as it would be typed (from the parsed arguments, so it is right in-process too)."""
+    words = ["qcgate", args.command, str(args.cohort)]
+    for attribute, flag in _OPTIONS.items():
+        value = getattr(args, attribute, None)
+        if value is None or value == "" or (attribute == "kind" and args.command == "evaluate"):
+            continue
+        words += [flag, str(value)]
+    if getattr(args, "no_calibration", False):
+        words.append("--no-calibration")
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _resnet_config(args: argparse.Namespace):
@@ -109,7 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
     out, table3 = train_model(
         cohort, args.kind, args.out, name=args.name, version=args.version, n_folds=_folds(args),
         resnet_config=_resnet_config(args), calibrate=not args.no_calibration, repeats=args.repeats,
-        seed=args.seed, workers=args.workers, command=_command_line(), description=args.description,
+        seed=args.seed, workers=args.workers, command=_command_line(args), description=args.description,
         intended_use=args.intended_use, limits=args.limits, progress=_progress(args), force=args.force,
     )
     print(text_summary(table3))
@@ -140,7 +156,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                         calibrate=not args.no_calibration, repeats=args.repeats, seed=args.seed,
                                         simulation_mean=args.sim_mean, simulation_sd=args.sim_sd, progress=progress)
     if args.out is not None:
-        write_outputs(table3, args.out, command=_command_line())
+        write_outputs(table3, args.out, command=_command_line(args))
     if args.format == "json":
         print(json.dumps(table3.to_dict(), indent=1))
     else:

@@ -1,8 +1,8 @@
 """The paper's Table 3 under patient-grouped cross-validation, and its simulated clinical setting.
 
 Methods (rows): "Global thresholding" (tau = the training folds' mean DSC Lesion), "Ridge w/o UM",
-"Ridge w. UM", "ResNet w/o UM", "ResNet w. UM", "Ensemble w. UM" = (Ridge w. UM + ResNet w. UM) / 2
-("Ensemble w/o UM" from the without-UM pair when the cohort has no UM). Rows the cohort cannot support
+"Ridge w. UM", "ResNet w/o UM", "ResNet w. UM", "Ensemble w. UM" = (Ridge w. UM + ResNet w. UM) / 2,
+and "Ensemble w/o UM" = (Ridge w/o UM + ResNet w/o UM) / 2 (what a model answers without a UM). Rows the cohort cannot support
 (no CT: no image ResNet; no AI ensemble: no UM) are left out. Every model is fitted on the training
 folds only; patients never straddle folds (``qcgate.science.analysis.grouped_folds``).
 
@@ -195,7 +195,9 @@ def available_methods(rows, kind: str = "ensemble") -> list[str]:
         methods.append(RESNET)
         if rows.has_uncertainty:
             methods.append(RESNET_UM)
-        methods.append(ENSEMBLE_UM if rows.has_uncertainty else ENSEMBLE)
+        methods.append(ENSEMBLE)  # what the model answers for a slice without a UM
+        if rows.has_uncertainty:
+            methods.append(ENSEMBLE_UM)
     if kind == "resnet":
         methods = [m for m in methods if not m.startswith("Ridge") and not m.startswith("Ensemble")]
     return methods
