@@ -1,17 +1,36 @@
-"""Sub-commands: `db upgrade` and `audit cases`."""
+"""Sub-commands: `db upgrade`, `audit cases|case|slices|deliveries|vendors` and `retention run`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import datetime as dt
 import json
+import re
 import sys
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy.orm import Session
 
 from qcgate.errors import QcgateError
 from qcgate.node.commands import add_settings_arguments, settings_from_args
 from qcgate.store.database import create_db_engine, is_current, make_session_factory, upgrade_database
-from qcgate.store.queries import case_detail, list_cases, list_deliveries
+from qcgate.store.queries import (
+    AuditFilters,
+    case_detail,
+    case_id_for_series,
+    list_cases,
+    list_deliveries,
+    list_slices,
+    vendor_summary,
+)
+
+_FORMATS = ["table", "json", "csv"]
+_RELATIVE = re.compile(r"^(?P<count>\d+)(?P<unit>[mhdw])$")
+_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -22,67 +41,184 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_rows(rows: list[dict[str, Any]], columns: list[str], output_format: str) -> None:
+def parse_when(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """A date for --since/--until: ISO (``2026-11-22``, ``2026-11-22T08:00``; UTC unless an offset
+    is given) or relative to now (``30m``, ``12h``, ``7d``, ``2w`` ago)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    match = _RELATIVE.match(text.strip())
+    if match:
+        return now - dt.timedelta(seconds=int(match["count"]) * _UNIT_SECONDS[match["unit"]])
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO date/time nor a relative age like 7d, 12h, 30m") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def print_rows(rows: list[dict[str, Any]], columns: list[str], output_format: str, stream: TextIO | None = None) -> None:
     """Print rows as an aligned table, JSON (a list of objects) or CSV."""
+    out = stream or sys.stdout
     if output_format == "json":
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        json.dump(rows, out, indent=2)
+        out.write("\n")
         return
     if output_format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         return
     cells = [[("" if row.get(col) is None else str(row.get(col))) for col in columns] for row in rows]
     widths = [max([len(col)] + [len(line[i]) for line in cells]) for i, col in enumerate(columns)]
-    print("  ".join(col.ljust(widths[i]) for i, col in enumerate(columns)))
+    print("  ".join(col.ljust(widths[i]) for i, col in enumerate(columns)), file=out)
     for line in cells:
-        print("  ".join(value.ljust(widths[i]) for i, value in enumerate(line)))
+        print("  ".join(value.ljust(widths[i]) for i, value in enumerate(line)), file=out)
     if not rows:
-        print("(no rows)")
+        print("(no rows)", file=out)
 
 
-def _open_audit_session(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def _output(args: argparse.Namespace) -> Iterator[TextIO]:
+    """stdout, or the --output file (written whole, UTF-8, newline handling left to csv)."""
+    path: Path | None = getattr(args, "output", None)
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        yield handle
+
+
+def _export_columns(rows: list[dict[str, Any]], table_columns: list[str], output_format: str) -> list[str]:
+    # Table: the readable subset; JSON/CSV: every field, in the query's order.
+    return table_columns if output_format == "table" or not rows else list(rows[0])
+
+
+@contextlib.contextmanager
+def _open_audit_session(args: argparse.Namespace) -> Iterator[Session]:
     settings = settings_from_args(args)
     engine = create_db_engine(settings.database_url, must_exist=True)
-    if not is_current(engine):
-        raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}: run `qcgate db upgrade` or `qcgate serve` first")
-    return make_session_factory(engine)()
+    try:
+        if not is_current(engine):
+            raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}: run `qcgate db upgrade` or `qcgate serve` first")
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _filters(args: argparse.Namespace) -> AuditFilters:
+    return AuditFilters(
+        state=getattr(args, "state", None), verdict=args.verdict, since=args.since, until=args.until,
+        calling_ae=args.calling_ae, vendor=args.vendor, algorithm=args.algorithm,
+        model_version=args.model_version, series_uid=args.series, limit=args.limit,
+    )
 
 
 def _audit_cases(args: argparse.Namespace) -> int:
     with _open_audit_session(args) as session:
-        rows = list_cases(session, state=args.state, limit=args.limit, verdict=args.verdict)
-    columns = ["case_id", "state", "series_verdict", "ct_series_uid", "ct_instances", "seg_instances", "job_state", "last_instance_at", "reason"]
-    print_rows(rows, columns if args.format == "table" else list(rows[0]) if rows else columns, args.format)
+        rows = list_cases(session, filters=_filters(args))
+    columns = ["case_id", "state", "series_verdict", "ct_series_uid", "ct_instances", "seg_instances", "job_state", "last_instance_at", "vendors", "reason"]
+    with _output(args) as out:
+        print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
+    return 0
+
+
+def _audit_slices(args: argparse.Namespace) -> int:
+    with _open_audit_session(args) as session:
+        rows = list_slices(session, _filters(args))
+    columns = ["case_id", "slice_index", "tau", "q", "margin", "verdict", "lesion_area_mm2", "series_verdict", "ct_series_uid"]
+    with _output(args) as out:
+        print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
+    return 0
+
+
+def _audit_vendors(args: argparse.Namespace) -> int:
+    with _open_audit_session(args) as session:
+        rows = vendor_summary(session, _filters(args))
+    columns = ["vendor", "algorithm", "algorithm_version", "cases", "accept", "review", "reject", "failed", "not_processed", "reject_rate"]
+    with _output(args) as out:
+        print_rows(rows, columns, args.format, out)
     return 0
 
 
 def _audit_case(args: argparse.Namespace) -> int:
+    if (args.case_id is None) == (args.series is None):
+        raise QcgateError("give a case id or --series UID (one of them)")
     with _open_audit_session(args) as session:
-        detail = case_detail(session, args.case_id)
+        case_id = args.case_id if args.case_id is not None else case_id_for_series(session, args.series)
+        detail = case_detail(session, case_id) if case_id is not None else None
     if detail is None:
-        raise QcgateError(f"no case with id {args.case_id}")
-    if args.format == "json":
-        json.dump(detail, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    print(f"case {detail['case_id']}: {detail['state']}; series verdict {detail['series_verdict'] or '-'}; model {detail['model'] or '-'}; q from {detail['q_source'] or '-'}")
-    if detail["reason"]:
-        print(f"  reason: {detail['reason']}")
-    if detail["notes"]:
-        print(f"  notes: {detail['notes']}")
-    rows = [{**s, "key_features": ", ".join(f"{k}={v:.3g}" for k, v in list(s["key_features"].items())[:3])} for s in detail["slices"]]
-    print_rows(rows, ["slice_index", "tau", "q", "margin", "verdict", "lesion_area_mm2", "key_features"], args.format)
-    print_rows(detail["deliveries"], ["kind", "destination", "state", "attempts", "last_error"], args.format)
+        raise QcgateError(f"no case with id {args.case_id}" if args.case_id is not None else f"no case for CT series {args.series}")
+    with _output(args) as out:
+        if args.format == "json":
+            json.dump(detail, out, indent=2)
+            out.write("\n")
+            return 0
+        if args.format == "csv":
+            # One row per slice, with the case's identity and verdict repeated: a spreadsheet-ready "why".
+            case_columns = {key: detail[key] for key in ("case_id", "ct_series_uid", "state", "series_verdict", "model", "q_source", "reason")}
+            rows = [{**case_columns, **{k: v for k, v in s.items() if k != "key_features"},
+                     "key_features": json.dumps(s["key_features"])} for s in detail["slices"]]
+            columns = list(case_columns) + ["slice_index", "sop_instance_uid", "tau", "q", "margin", "verdict", "lesion_area_mm2", "um_mean", "key_features"]
+            print_rows(rows, columns, "csv", out)
+            return 0
+        print(f"case {detail['case_id']}: {detail['state']}; series verdict {detail['series_verdict'] or '-'}; model {detail['model'] or '-'}; q from {detail['q_source'] or '-'}", file=out)
+        print(f"  CT series {detail['ct_series_uid']}", file=out)
+        if detail["reason"]:
+            print(f"  reason: {detail['reason']}", file=out)
+        if detail["notes"]:
+            print(f"  notes: {detail['notes']}", file=out)
+        if detail["job"] and detail["job"]["error"]:
+            print(f"  job error: {detail['job']['error']}", file=out)
+        rows = [{**s, "key_features": ", ".join(f"{k}={v:.3g}" for k, v in list(s["key_features"].items())[:3])} for s in detail["slices"]]
+        print_rows(rows, ["slice_index", "tau", "q", "margin", "verdict", "lesion_area_mm2", "key_features"], args.format, out)
+        print_rows(detail["deliveries"], ["kind", "destination", "state", "attempts", "last_error"], args.format, out)
     return 0
 
 
 def _audit_deliveries(args: argparse.Namespace) -> int:
     with _open_audit_session(args) as session:
-        rows = list_deliveries(session, state=args.state)
-    print_rows(rows, ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "last_error", "delivered_at"], args.format)
+        rows = list_deliveries(session, state=args.state, series_uid=args.series, kind=args.kind,
+                               sop_instance_uid=args.sop_instance_uid, limit=args.limit)
+    columns = ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "last_error", "delivered_at"]
+    with _output(args) as out:
+        print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
     return 0
+
+
+def _retention_run(args: argparse.Namespace) -> int:
+    from qcgate.store.retention import run_retention
+
+    settings = settings_from_args(args)
+    engine = create_db_engine(settings.database_url, must_exist=True)
+    try:
+        if not is_current(engine):
+            raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}")
+        report = run_retention(settings, make_session_factory(engine), dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    if args.format == "json":
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(report.summary())
+    return 0
+
+
+def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=_FORMATS, default="table")
+    parser.add_argument("--output", type=Path, metavar="FILE", help="write the export here instead of stdout")
+
+
+def _add_filter_arguments(parser: argparse.ArgumentParser, verdict_help: str) -> None:
+    parser.add_argument("--verdict", choices=["accept", "review", "reject"], help=verdict_help)
+    parser.add_argument("--since", type=parse_when, metavar="WHEN", help="from this time on: ISO date/time (UTC) or an age like 7d, 12h")
+    parser.add_argument("--until", type=parse_when, metavar="WHEN", help="before this time (exclusive); same forms as --since")
+    parser.add_argument("--calling-ae", metavar="AE", help="only cases with an instance sent by this calling AE title")
+    parser.add_argument("--vendor", metavar="NAME", help="only cases with a SEG whose Manufacturer is exactly NAME")
+    parser.add_argument("--algorithm", metavar="NAME", help="only cases with a SEG whose algorithm name is exactly NAME")
+    parser.add_argument("--model-version", metavar="VERSION", help="only cases judged by this threshold-model version")
+    parser.add_argument("--series", metavar="UID", help="only the case of this CT Series Instance UID")
+    parser.add_argument("--limit", type=int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,22 +231,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     audit = subparsers.add_parser("audit", help="query the audit database")
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="QUERY", required=True)
-    cases = audit_commands.add_parser("cases", help="list cases with their state and job")
+    cases = audit_commands.add_parser("cases", help="list cases with their state, verdict, job and SEG vendors")
     add_settings_arguments(cases)
     cases.add_argument("--state", choices=["collecting", "ready", "incomplete", "done", "failed"])
-    cases.add_argument("--verdict", choices=["accept", "review", "reject"])
-    cases.add_argument("--limit", type=int)
-    cases.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _add_filter_arguments(cases, "series verdict")
+    _add_format_arguments(cases)
     cases.set_defaults(handler=_audit_cases)
+
+    slices = audit_commands.add_parser("slices", help="lesion-slice decisions (tau, q, margin, verdict) with filters")
+    add_settings_arguments(slices)
+    slices.add_argument("--state", choices=["collecting", "ready", "incomplete", "done", "failed"], help="case state")
+    _add_filter_arguments(slices, "slice verdict")
+    _add_format_arguments(slices)
+    slices.set_defaults(handler=_audit_slices)
+
+    vendors = audit_commands.add_parser("vendors", help="cases per SEG vendor and algorithm by verdict, with the reject rate")
+    add_settings_arguments(vendors)
+    _add_filter_arguments(vendors, "(ignored: every verdict is a column)")
+    _add_format_arguments(vendors)
+    vendors.set_defaults(handler=_audit_vendors)
 
     case = audit_commands.add_parser("case", help="one case slice by slice, with its outputs and deliveries")
     add_settings_arguments(case)
-    case.add_argument("case_id", type=int)
-    case.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    case.add_argument("case_id", type=int, nargs="?")
+    case.add_argument("--series", metavar="UID", help="find the case by its CT Series Instance UID instead")
+    _add_format_arguments(case)
     case.set_defaults(handler=_audit_case)
 
     deliveries = audit_commands.add_parser("deliveries", help="the outbox: delivered, pending and dead letters")
     add_settings_arguments(deliveries)
     deliveries.add_argument("--state", choices=["pending", "sent", "dead"])
-    deliveries.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    deliveries.add_argument("--series", metavar="UID", help="only the outputs of this CT series")
+    deliveries.add_argument("--kind", choices=["seg", "sr", "pmap", "report"], help="only this output kind")
+    deliveries.add_argument("--sop-instance-uid", metavar="UID", help="only the output with this SOP Instance UID")
+    deliveries.add_argument("--limit", type=int)
+    _add_format_arguments(deliveries)
     deliveries.set_defaults(handler=_audit_deliveries)
+
+    retention = subparsers.add_parser("retention", help="delete old cases' spool files and rows (storage.retention_days, disk watermark)")
+    retention_commands = retention.add_subparsers(dest="retention_command", metavar="ACTION", required=True)
+    run = retention_commands.add_parser("run", help="apply the retention policy once")
+    add_settings_arguments(run)
+    run.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    run.add_argument("--format", choices=["table", "json"], default="table")
+    run.set_defaults(handler=_retention_run)

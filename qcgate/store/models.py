@@ -67,7 +67,11 @@ class AssociationRecord(Base):
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)
     instances_refused: Mapped[int] = mapped_column(Integer, default=0)
 
-    __table_args__ = (Index("ix_associations_started_at", "started_at"),)
+    __table_args__ = (
+        Index("ix_associations_started_at", "started_at"),
+        # audit: cases and slices by calling AE
+        Index("ix_associations_calling_ae", "calling_ae"),
+    )
 
 
 class Case(Base):
@@ -96,7 +100,14 @@ class Case(Base):
     instances: Mapped[list["Instance"]] = relationship(back_populates="case")
     jobs: Mapped[list["Job"]] = relationship(back_populates="case")
 
-    __table_args__ = (Index("ix_cases_state", "state"), Index("ix_cases_study", "study_instance_uid"))
+    __table_args__ = (
+        Index("ix_cases_state", "state"),
+        Index("ix_cases_study", "study_instance_uid"),
+        # audit: "all rejected series ... last week" and retention by age
+        Index("ix_cases_verdict_created", "series_verdict", "created_at"),
+        Index("ix_cases_created_at", "created_at"),
+        Index("ix_cases_model_version", "model_version"),
+    )
 
 
 class Instance(Base):
@@ -130,6 +141,10 @@ class Instance(Base):
         Index("ix_instances_series", "series_instance_uid"),
         Index("ix_instances_case", "case_id"),
         Index("ix_instances_referenced_series", "referenced_series_uid"),
+        # audit: the cases of one vendor / algorithm / calling AE (EXISTS on case_id)
+        Index("ix_instances_manufacturer_case", "manufacturer", "case_id"),
+        Index("ix_instances_algorithm_case", "algorithm_name", "case_id"),
+        Index("ix_instances_association", "association_id"),
     )
 
 
@@ -217,6 +232,9 @@ class SliceResultRecord(Base):
     __table_args__ = (
         Index("ix_slice_results_case", "case_id"),
         Index("ix_slice_results_verdict", "verdict"),
+        # audit: slices by verdict and date
+        Index("ix_slice_results_verdict_created", "verdict", "created_at"),
+        Index("ix_slice_results_created", "created_at"),
         UniqueConstraint("job_id", "sop_instance_uid", name="uq_slice_result_job_sop"),
     )
 
@@ -235,7 +253,12 @@ class Output(Base):
     path: Mapped[str] = mapped_column(Text)  # relative to the data dir
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (Index("ix_outputs_case", "case_id"), UniqueConstraint("job_id", "kind", name="uq_output_job_kind"))
+    __table_args__ = (
+        Index("ix_outputs_case", "case_id"),
+        UniqueConstraint("job_id", "kind", name="uq_output_job_kind"),
+        # audit: "was this SR delivered", asked with the SR's SOP Instance UID
+        Index("ix_outputs_sop", "sop_instance_uid"),
+    )
 
 
 class DeliveryState(str, enum.Enum):

@@ -1,16 +1,55 @@
-"""Read-only queries behind `qcgate audit`."""
+"""Read-only queries behind `qcgate audit`.
+
+Filters (``AuditFilters``) are shared by cases and slices: verdict, date range, calling AE, the AI
+algorithm and vendor of a case's SEGs, and the threshold model's version. Vendor, algorithm and
+calling AE are tested with EXISTS on the case's instances, so a case with two vendors' SEGs is found
+under both. The indexes of migration 0003 keep these fast on a million slice rows
+(bench/bench_audit.py).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from qcgate.node.dicom_header import SEGMENTATION_STORAGE
-from qcgate.store.models import Case, Delivery, DeliveryAttempt, Instance, Job, Output, SliceResultRecord
+from qcgate.store.models import (
+    AssociationRecord,
+    Case,
+    Delivery,
+    DeliveryAttempt,
+    Instance,
+    Job,
+    Output,
+    SliceResultRecord,
+)
+
+_IN_CHUNK = 500  # ids per IN (...) list: well below SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class AuditFilters:
+    """What `qcgate audit cases|slices` can filter on; None means "any".
+
+    ``since``/``until`` bound the case's creation time (first instance received) for cases, and
+    the slice result's creation time (when it was judged) for slices; ``until`` is exclusive.
+    """
+
+    state: str | None = None
+    verdict: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    calling_ae: str | None = None
+    vendor: str | None = None
+    algorithm: str | None = None
+    model_version: str | None = None
+    series_uid: str | None = None
+    limit: int | None = None
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -21,27 +60,84 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat(timespec="seconds")
 
 
-def list_cases(session: Session, state: str | None = None, limit: int | None = None, verdict: str | None = None) -> list[dict[str, Any]]:
-    """One row per case: identity, state and reason, instance counts, and its job's state."""
+def _case_conditions(filters: AuditFilters) -> list[ColumnElement[bool]]:
+    """Conditions on ``Case`` shared by cases and slices (all but verdict and dates)."""
+    conditions: list[ColumnElement[bool]] = []
+    if filters.state:
+        conditions.append(Case.state == filters.state)
+    if filters.series_uid:
+        conditions.append(Case.ct_series_uid == filters.series_uid)
+    if filters.model_version:
+        conditions.append(Case.model_version == filters.model_version)
+    # EXISTS (not JOIN): a case with many matching instances is still one row.
+    if filters.vendor:
+        conditions.append(exists().where(Instance.case_id == Case.id, Instance.manufacturer == filters.vendor))
+    if filters.algorithm:
+        conditions.append(exists().where(Instance.case_id == Case.id, Instance.algorithm_name == filters.algorithm))
+    if filters.calling_ae:
+        calling = select(AssociationRecord.id).where(AssociationRecord.calling_ae == filters.calling_ae)
+        conditions.append(exists().where(Instance.case_id == Case.id, Instance.association_id.in_(calling)))
+    return conditions
+
+
+def _chunks(ids: list[int]) -> list[list[int]]:
+    return [ids[i:i + _IN_CHUNK] for i in range(0, len(ids), _IN_CHUNK)]
+
+
+def _seg_sources(session: Session, case_ids: list[int]) -> dict[int, dict[str, list[str]]]:
+    """Per case: the vendors, algorithms (with version) of its SEGs, and the calling AEs that sent it."""
     seg = str(SEGMENTATION_STORAGE)
-    n_ct = func.count(Instance.id).filter(Instance.sop_class_uid != seg)
-    n_seg = func.count(Instance.id).filter(Instance.sop_class_uid == seg)
+    found: dict[int, dict[str, set[str]]] = {cid: {"vendors": set(), "algorithms": set(), "calling_aes": set()} for cid in case_ids}
+    for chunk in _chunks(case_ids):
+        for case_id, vendor, algorithm, version in session.execute(
+            select(Instance.case_id, Instance.manufacturer, Instance.algorithm_name, Instance.algorithm_version)
+            .where(Instance.case_id.in_(chunk), Instance.sop_class_uid == seg)
+        ):
+            if vendor:
+                found[case_id]["vendors"].add(vendor)
+            if algorithm:
+                found[case_id]["algorithms"].add(f"{algorithm} {version}" if version else algorithm)
+        for case_id, calling_ae in session.execute(
+            select(Instance.case_id, AssociationRecord.calling_ae).distinct()
+            .join(AssociationRecord, AssociationRecord.id == Instance.association_id)
+            .where(Instance.case_id.in_(chunk))
+        ):
+            found[case_id]["calling_aes"].add(calling_ae)
+    return {cid: {key: sorted(values) for key, values in parts.items()} for cid, parts in found.items()}
+
+
+def list_cases(session: Session, state: str | None = None, limit: int | None = None, verdict: str | None = None,
+               filters: AuditFilters | None = None) -> list[dict[str, Any]]:
+    """One row per case: identity, state and reason, instance counts, its job's state, and the
+    vendors, algorithms and calling AEs of its instances. ``filters`` narrows the cases; the
+    older keyword arguments (``state``, ``limit``, ``verdict``) still work and fill in its gaps."""
+    base = filters or AuditFilters()
+    filters = AuditFilters(**{**base.__dict__, "state": base.state or state, "verdict": base.verdict or verdict,
+                              "limit": base.limit or limit})
+    seg = str(SEGMENTATION_STORAGE)
+    # Correlated counts (ix_instances_case) instead of a join + GROUP BY over every instance.
+    n_ct = (select(func.count(Instance.id)).where(Instance.case_id == Case.id, Instance.sop_class_uid != seg)
+            .correlate(Case).scalar_subquery())
+    n_seg = (select(func.count(Instance.id)).where(Instance.case_id == Case.id, Instance.sop_class_uid == seg)
+             .correlate(Case).scalar_subquery())
     query = (
-        select(Case, n_ct.label("n_ct"), n_seg.label("n_seg"))
-        .outerjoin(Instance, Instance.case_id == Case.id)
-        .group_by(Case.id)
+        select(Case, Job, n_ct.label("n_ct"), n_seg.label("n_seg"))
+        .outerjoin(Job, and_(Job.case_id == Case.id, Job.kind == "qc"))
+        .where(*_case_conditions(filters))
         .order_by(Case.id)
     )
-    if state:
-        query = query.where(Case.state == state)
-    if verdict:
-        query = query.where(Case.series_verdict == verdict)
-    if limit:
-        query = query.limit(limit)
-    jobs = {job.case_id: job for job in session.scalars(select(Job).where(Job.kind == "qc"))}
+    if filters.verdict:
+        query = query.where(Case.series_verdict == filters.verdict)
+    if filters.since:
+        query = query.where(Case.created_at >= filters.since)
+    if filters.until:
+        query = query.where(Case.created_at < filters.until)
+    if filters.limit:
+        query = query.limit(filters.limit)
+    found = session.execute(query).all()
+    sources = _seg_sources(session, [case.id for case, *_ in found])
     rows = []
-    for case, count_ct, count_seg in session.execute(query):
-        job = jobs.get(case.id)
+    for case, job, count_ct, count_seg in found:
         rows.append({
             "case_id": case.id,
             "state": case.state,
@@ -57,7 +153,92 @@ def list_cases(session: Session, state: str | None = None, limit: int | None = N
             "model": f"{case.model_name} {case.model_version}" if case.model_name else None,
             "job_id": job.id if job else None,
             "job_state": job.state if job else None,
+            "processed_at": _iso(case.processed_at),
+            "vendors": ";".join(sources[case.id]["vendors"]),
+            "algorithms": ";".join(sources[case.id]["algorithms"]),
+            "calling_aes": ";".join(sources[case.id]["calling_aes"]),
         })
+    return rows
+
+
+def list_slices(session: Session, filters: AuditFilters) -> list[dict[str, Any]]:
+    """Slice results with their case: tau, q, margin, verdict, key features.
+
+    ``filters.verdict`` is the slice verdict; dates bound the slice result's creation time; the
+    other filters apply to the slice's case.
+    """
+    query = (
+        select(SliceResultRecord, Case.ct_series_uid, Case.series_verdict, Case.model_name, Case.model_version)
+        .join(Case, Case.id == SliceResultRecord.case_id)
+        .where(*_case_conditions(filters))
+        .order_by(SliceResultRecord.case_id, SliceResultRecord.slice_index)
+    )
+    if filters.verdict:
+        query = query.where(SliceResultRecord.verdict == filters.verdict)
+    if filters.since:
+        query = query.where(SliceResultRecord.created_at >= filters.since)
+    if filters.until:
+        query = query.where(SliceResultRecord.created_at < filters.until)
+    if filters.limit:
+        query = query.limit(filters.limit)
+    rows = []
+    for result, series_uid, series_verdict, model_name, model_version in session.execute(query):
+        rows.append({
+            "case_id": result.case_id, "ct_series_uid": series_uid, "series_verdict": series_verdict,
+            "slice_index": result.slice_index, "sop_instance_uid": result.sop_instance_uid,
+            "tau": result.tau, "q": result.q, "margin": result.margin, "verdict": result.verdict,
+            "lesion_area_mm2": result.lesion_area_mm2, "um_mean": result.um_mean, "um_p90": result.um_p90,
+            "model": f"{model_name} {model_version}" if model_name else None,
+            "created_at": _iso(result.created_at),
+            "key_features": result.key_features or "{}",  # JSON text: one CSV cell
+        })
+    return rows
+
+
+def vendor_summary(session: Session, filters: AuditFilters) -> list[dict[str, Any]]:
+    """"How often does vendor X fail?": processed cases per SEG vendor and algorithm, by series verdict.
+
+    A case counts once per (vendor, algorithm, version) among its SEGs. Dates bound the case's
+    creation time; ``filters.verdict`` is ignored (every verdict is a column).
+    """
+    seg = str(SEGMENTATION_STORAGE)
+    pairs = (
+        select(Instance.manufacturer, Instance.algorithm_name, Instance.algorithm_version, Instance.case_id).distinct()
+        .where(Instance.sop_class_uid == seg, Instance.case_id.is_not(None))
+        .subquery()
+    )
+    conditions = [c for c in _case_conditions(AuditFilters(**{**filters.__dict__, "vendor": None, "algorithm": None}))]
+    query = (
+        select(pairs.c.manufacturer, pairs.c.algorithm_name, pairs.c.algorithm_version, Case.series_verdict, Case.state,
+               func.count())
+        .join(Case, Case.id == pairs.c.case_id)
+        .where(*conditions)
+        .group_by(pairs.c.manufacturer, pairs.c.algorithm_name, pairs.c.algorithm_version, Case.series_verdict, Case.state)
+    )
+    if filters.vendor:
+        query = query.where(pairs.c.manufacturer == filters.vendor)
+    if filters.algorithm:
+        query = query.where(pairs.c.algorithm_name == filters.algorithm)
+    if filters.since:
+        query = query.where(Case.created_at >= filters.since)
+    if filters.until:
+        query = query.where(Case.created_at < filters.until)
+    table: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for vendor, algorithm, version, verdict, state, count in session.execute(query):
+        key = (vendor or "", algorithm or "", version or "")
+        row = table.setdefault(key, {"vendor": key[0], "algorithm": key[1], "algorithm_version": key[2], "cases": 0,
+                                     "accept": 0, "review": 0, "reject": 0, "failed": 0, "not_processed": 0})
+        row["cases"] += count
+        if verdict in ("accept", "review", "reject"):
+            row[verdict] += count
+        elif state == "failed":
+            row["failed"] += count
+        else:
+            row["not_processed"] += count
+    rows = sorted(table.values(), key=lambda r: (r["vendor"], r["algorithm"], r["algorithm_version"]))
+    for row in rows:
+        judged = row["accept"] + row["review"] + row["reject"]
+        row["reject_rate"] = round(row["reject"] / judged, 4) if judged else None
     return rows
 
 
@@ -86,17 +267,41 @@ def case_detail(session: Session, case_id: int) -> dict[str, Any] | None:
     }
 
 
-def list_deliveries(session: Session, state: str | None = None, case_id: int | None = None) -> list[dict[str, Any]]:
-    """Outbox rows with their output, state, attempts and last error."""
-    query = select(Delivery, Output).join(Output, Output.id == Delivery.output_id).order_by(Delivery.id)
+def list_deliveries(session: Session, state: str | None = None, case_id: int | None = None, *,
+                    series_uid: str | None = None, kind: str | None = None, sop_instance_uid: str | None = None,
+                    limit: int | None = None) -> list[dict[str, Any]]:
+    """Outbox rows with their output, state, attempts and last error.
+
+    "Was the SR delivered?": ``series_uid`` (the CT series) or ``sop_instance_uid`` (the SR's own
+    UID) with ``kind="sr"``.
+    """
+    n_attempts = (select(func.count(DeliveryAttempt.id)).where(DeliveryAttempt.delivery_id == Delivery.id)
+                  .correlate(Delivery).scalar_subquery())
+    query = (select(Delivery, Output, Case.ct_series_uid, n_attempts.label("n_attempts"))
+             .join(Output, Output.id == Delivery.output_id)
+             .join(Case, Case.id == Output.case_id)
+             .order_by(Delivery.id))
     if state:
         query = query.where(Delivery.state == state)
     if case_id is not None:
         query = query.where(Output.case_id == case_id)
+    if series_uid:
+        query = query.where(Case.ct_series_uid == series_uid)
+    if kind:
+        query = query.where(Output.kind == kind)
+    if sop_instance_uid:
+        query = query.where(Output.sop_instance_uid == sop_instance_uid)
+    if limit:
+        query = query.limit(limit)
     rows = []
-    for delivery, output in session.execute(query):
-        n_attempts = session.scalar(select(func.count()).select_from(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery.id))
+    for delivery, output, ct_series_uid, attempts in session.execute(query):
         rows.append({"delivery_id": delivery.id, "case_id": output.case_id, "kind": output.kind,
-                     "destination": delivery.destination, "state": delivery.state, "attempts": int(n_attempts or 0),
-                     "last_error": delivery.last_error, "delivered_at": _iso(delivery.delivered_at)})
+                     "destination": delivery.destination, "state": delivery.state, "attempts": int(attempts or 0),
+                     "last_error": delivery.last_error, "delivered_at": _iso(delivery.delivered_at),
+                     "ct_series_uid": ct_series_uid, "sop_instance_uid": output.sop_instance_uid})
     return rows
+
+
+def case_id_for_series(session: Session, series_uid: str) -> int | None:
+    """The case of a CT series (unique), for `qcgate audit case --series UID`."""
+    return session.scalar(select(Case.id).where(Case.ct_series_uid == series_uid))
