@@ -371,10 +371,14 @@ def select_alpha_grouped(x: np.ndarray, y: np.ndarray, patients: np.ndarray, inn
     return float(alphas[int(np.argmin(errors))])
 
 
-def _fit_ridge_grouped(x: np.ndarray, y: np.ndarray, patients: np.ndarray, inner_splits: int):
-    """The scikit-learn pipeline (signed-log1p, StandardScaler, Ridge) at the inner-CV alpha."""
+def fit_ridge_grouped(x: np.ndarray, y: np.ndarray, patients: np.ndarray, inner_splits: int = 5):
+    """The fitted scikit-learn pipeline (signed-log1p, StandardScaler, Ridge) at the alpha chosen by
+    ``select_alpha_grouped``; ``pipeline[1]`` is the scaler and ``pipeline[-1]`` the Ridge."""
     alpha = select_alpha_grouped(x, y, patients, inner_splits)
     return make_ridge().set_params(ridge__alpha=alpha).fit(x, y)
+
+
+_fit_ridge_grouped = fit_ridge_grouped  # the name qcgate.predictors.ridge imports
 
 
 @dataclass
@@ -417,7 +421,7 @@ def grouped_folds(patients: np.ndarray, n_folds: int | None) -> list[tuple[np.nd
 
 def _evaluate_fold(args: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]):
     x, y, patients, train, test, inner = args
-    model = _fit_ridge_grouped(x[train], y[train], patients[train], inner)
+    model = fit_ridge_grouped(x[train], y[train], patients[train], inner)
     return test, np.clip(model.predict(x[test]), 0.0, 1.0), float(model[-1].alpha)
 
 
