@@ -30,8 +30,9 @@ parameters or any feature. A reader
 4. traces the outline with smooth random boundary noise of a personal amplitude -> small lesions and
    long outlines lose more Dice.
 
-The reference reader "R1A" and its repeat "R1B" share the same preferences (the repeat with small
-jitter) and differ in tracing noise and per-case jitter; "R2" and "R3" have their own.
+A reader's levels also move from case to case (its "impression" of the case). The reference reader
+"R1A" and its repeat "R1B" share their habits (the repeat with small jitter) and most of that per-case
+movement, and differ in tracing noise; "R2" and "R3" have their own habits and move independently.
 
 AI ensemble
 -----------
