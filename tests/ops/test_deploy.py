@@ -1,0 +1,114 @@
+"""The deploy kit: install.sh into a clean fake root, the unit under `systemd-analyze verify`,
+the example configuration (valid, and documenting every key)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from qcgate.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "deploy" / "install.sh"
+EXAMPLE = REPO / "deploy" / "qcgate.example.toml"
+UNIT = REPO / "systemd" / "qcgate.service"
+
+
+def _install(root: Path) -> subprocess.CompletedProcess[str]:
+    # --no-deps: the test checks the layout, not pip's resolver (the dependencies are large); the
+    # package itself is still built and installed from the checkout.
+    return subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-user", "--no-systemctl", "--pip-args", "--no-deps"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def installed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fakeroot")
+    result = _install(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def test_install_creates_the_expected_tree(installed_root: Path) -> None:
+    root = installed_root
+    config = root / "etc/qcgate/qcgate.toml"
+    assert config.read_text() == EXAMPLE.read_text()
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640  # the config may hold a database password
+    assert stat.S_IMODE((root / "var/lib/qcgate").stat().st_mode) == 0o750
+    assert os.access(root / "opt/qcgate/venv/bin/qcgate", os.X_OK)
+    assert (root / "opt/qcgate/models/lidc-geometry").is_dir()
+    site = next((root / "opt/qcgate/venv/lib").glob("python3.11/site-packages"))
+    assert (site / "qcgate/store/migrations/versions/0003_audit_indexes.py").is_file()  # migrations ship with the package
+    unit = (root / "etc/systemd/system/qcgate.service").read_text()
+    assert f"ExecStart={root}/opt/qcgate/venv/bin/qcgate serve --config {root}/etc/qcgate/qcgate.toml" in unit
+    assert f"QCGATE_MODELS_DIR={root}/opt/qcgate/models" in unit
+    assert not (REPO / "build").exists() or "build" in (REPO / ".gitignore").read_text()
+
+
+def test_install_again_keeps_the_operators_config(installed_root: Path) -> None:
+    config = installed_root / "etc/qcgate/qcgate.toml"
+    config.write_text(config.read_text().replace('ae_title = "QCGATE"', 'ae_title = "SITEGATE"', 1))
+    result = _install(installed_root)
+    assert result.returncode == 0, result.stderr
+    assert 'ae_title = "SITEGATE"' in config.read_text()
+    assert (installed_root / "etc/qcgate/qcgate.toml.example").read_text() == EXAMPLE.read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_installed_unit_passes_systemd_analyze_verify(installed_root: Path) -> None:
+    result = subprocess.run(["systemd-analyze", "verify", str(installed_root / "etc/systemd/system/qcgate.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_repository_unit_complains_only_about_the_absent_executable() -> None:
+    """On a machine without /opt/qcgate, the only findings are the missing ExecStart* binary."""
+    result = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+    findings = [line for line in result.stderr.splitlines() if line.strip()]
+    if Path("/opt/qcgate/venv/bin/qcgate").exists():
+        assert result.returncode == 0, result.stderr
+        return
+    assert findings and all("/opt/qcgate/venv/bin/qcgate is not executable" in line for line in findings), result.stderr
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def test_example_config_validates_and_documents_every_key() -> None:
+    settings = load_settings(EXAMPLE)
+    assert settings.storage.data_dir == Path("/var/lib/qcgate")
+    text = EXAMPLE.read_text()
+    raw = tomllib.loads(text)
+    documented = set()
+    for section_name, section in raw.items():
+        for key, value in section.items():
+            if isinstance(value, dict):
+                documented |= {f"{section_name}.{key}.{sub}" for sub in value}
+            else:
+                documented.add(f"{section_name}.{key}")
+    # Keys shown commented out (no default value to show) count as documented.
+    commented = {line.lstrip("# ").split(" =")[0] for line in text.splitlines() if line.startswith("# ") and " = " in line}
+    missing = {key for key in _keys(Settings) if key not in documented and key.rsplit(".", 1)[-1] not in commented}
+    assert not missing, f"keys missing from {EXAMPLE.name}: {sorted(missing)}"
+
+
+def test_check_config_command_accepts_the_example() -> None:
+    result = subprocess.run([sys.executable, "-m", "qcgate.cli", "check-config", str(EXAMPLE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr
