@@ -165,7 +165,6 @@ def test_dcmqi_liver_with_one_member_goes_to_review_with_its_threshold(make_gate
     assert info["series_verdict"] == "review"
     assert info["slices"] and all(s["verdict"] == "review" and s["q"] is None and 0 <= s["tau"] <= 1 for s in info["slices"])
     assert "no uncertainty map" in info["notes"]
-    assert "no lung found" in info["notes"]  # abdominal CT: the imaging group falls back, nothing crashes
     wait_until(lambda: len(pacs.received()) >= 2)
     check_outputs(pacs, files[:3], info["slices"])
 
