@@ -11,8 +11,8 @@
 #   - /etc/qcgate/qcgate.toml from deploy/qcgate.example.toml, only if absent (an existing
 #     configuration is never overwritten; the new example goes next to it as qcgate.toml.example);
 #   - /var/lib/qcgate, owned by qcgate, mode 0750 (the spool and the embedded database);
-#   - /etc/systemd/system/qcgate.service, then `systemctl daemon-reload` and `enable`
-#     (unless --no-systemctl). It does not start the service: review the configuration first.
+#   - /etc/systemd/system/qcgate.service and qcgate-retention.{service,timer}, then
+#     `systemctl daemon-reload` and `enable` (unless --no-systemctl). It does not start the service: review the configuration first.
 #
 # Options:
 #   --root DIR        install under DIR instead of / (the unit's paths then point into DIR too,
@@ -104,13 +104,15 @@ fi
 
 # 6. The unit. Under --root its absolute paths are moved into the root, so that the unit can be
 #    verified there (`systemd-analyze verify` checks that ExecStart exists).
-if [ -n "$ROOT" ]; then
-    sed -e "s#/opt/qcgate#$PREFIX#g" -e "s#/etc/qcgate#$CONF_DIR#g" "$SOURCE/systemd/qcgate.service" > "$UNIT_DIR/qcgate.service"
-    chmod 0644 "$UNIT_DIR/qcgate.service"
-else
-    install -m 0644 "$SOURCE/systemd/qcgate.service" "$UNIT_DIR/qcgate.service"
-fi
-say "installed $UNIT_DIR/qcgate.service"
+for unit in qcgate.service qcgate-retention.service qcgate-retention.timer; do
+    if [ -n "$ROOT" ]; then
+        sed -e "s#/opt/qcgate#$PREFIX#g" -e "s#/etc/qcgate#$CONF_DIR#g" "$SOURCE/systemd/$unit" > "$UNIT_DIR/$unit"
+        chmod 0644 "$UNIT_DIR/$unit"
+    else
+        install -m 0644 "$SOURCE/systemd/$unit" "$UNIT_DIR/$unit"
+    fi
+    say "installed $UNIT_DIR/$unit"
+done
 
 # 7. Check the configuration with the installed code (skipped when pip ran without dependencies).
 if "$VENV/bin/python" -c 'import qcgate.config, pydantic' 2>/dev/null; then
@@ -121,7 +123,7 @@ fi
 
 if [ "$USE_SYSTEMCTL" = 1 ]; then
     systemctl daemon-reload
-    systemctl enable qcgate.service
+    systemctl enable qcgate.service qcgate-retention.timer
     say "enabled qcgate.service; start it with: systemctl start qcgate && journalctl -u qcgate -f"
 fi
 say "done"

@@ -79,6 +79,8 @@ class StorageSettings(_Section):
     data_dir: Path = Path("var")
     min_free_mb: float = Field(default=500.0, ge=0, description="refuse C-STORE (A700) below this free space")
     fsync: bool = True
+    retention_days: float = Field(default=0.0, ge=0, description="`qcgate retention run` deletes finished, delivered cases older than this; 0 keeps forever")
+    retention_free_mb: float = Field(default=0.0, ge=0, description="below this free space, retention also deletes the oldest finished, delivered cases; 0: off")
 
     @property
     def spool_dir(self) -> Path:

@@ -63,9 +63,9 @@ def test_install_again_keeps_the_operators_config(installed_root: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_installed_unit_passes_systemd_analyze_verify(installed_root: Path) -> None:
-    result = subprocess.run(["systemd-analyze", "verify", str(installed_root / "etc/systemd/system/qcgate.service")],
-                            capture_output=True, text=True, timeout=60)
+def test_installed_units_pass_systemd_analyze_verify(installed_root: Path) -> None:
+    units = [installed_root / "etc/systemd/system" / name for name in ("qcgate.service", "qcgate-retention.service", "qcgate-retention.timer")]
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 
