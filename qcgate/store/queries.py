@@ -167,30 +167,34 @@ def list_slices(session: Session, filters: AuditFilters) -> list[dict[str, Any]]
     ``filters.verdict`` is the slice verdict; dates bound the slice result's creation time; the
     other filters apply to the slice's case.
     """
+    # Plain columns, not ORM entities: exports can be tens of thousands of rows.
+    result = SliceResultRecord
     query = (
-        select(SliceResultRecord, Case.ct_series_uid, Case.series_verdict, Case.model_name, Case.model_version)
-        .join(Case, Case.id == SliceResultRecord.case_id)
+        select(result.case_id, Case.ct_series_uid, Case.series_verdict, result.slice_index, result.sop_instance_uid,
+               result.tau, result.q, result.margin, result.verdict, result.lesion_area_mm2, result.um_mean, result.um_p90,
+               Case.model_name, Case.model_version, result.created_at, result.key_features)
+        .join(Case, Case.id == result.case_id)
         .where(*_case_conditions(filters))
-        .order_by(SliceResultRecord.case_id, SliceResultRecord.slice_index)
+        .order_by(result.case_id, result.slice_index)
     )
     if filters.verdict:
-        query = query.where(SliceResultRecord.verdict == filters.verdict)
+        query = query.where(result.verdict == filters.verdict)
     if filters.since:
-        query = query.where(SliceResultRecord.created_at >= filters.since)
+        query = query.where(result.created_at >= filters.since)
     if filters.until:
-        query = query.where(SliceResultRecord.created_at < filters.until)
+        query = query.where(result.created_at < filters.until)
     if filters.limit:
         query = query.limit(filters.limit)
     rows = []
-    for result, series_uid, series_verdict, model_name, model_version in session.execute(query):
+    for row in session.execute(query):
         rows.append({
-            "case_id": result.case_id, "ct_series_uid": series_uid, "series_verdict": series_verdict,
-            "slice_index": result.slice_index, "sop_instance_uid": result.sop_instance_uid,
-            "tau": result.tau, "q": result.q, "margin": result.margin, "verdict": result.verdict,
-            "lesion_area_mm2": result.lesion_area_mm2, "um_mean": result.um_mean, "um_p90": result.um_p90,
-            "model": f"{model_name} {model_version}" if model_name else None,
-            "created_at": _iso(result.created_at),
-            "key_features": result.key_features or "{}",  # JSON text: one CSV cell
+            "case_id": row.case_id, "ct_series_uid": row.ct_series_uid, "series_verdict": row.series_verdict,
+            "slice_index": row.slice_index, "sop_instance_uid": row.sop_instance_uid,
+            "tau": row.tau, "q": row.q, "margin": row.margin, "verdict": row.verdict,
+            "lesion_area_mm2": row.lesion_area_mm2, "um_mean": row.um_mean, "um_p90": row.um_p90,
+            "model": f"{row.model_name} {row.model_version}" if row.model_name else None,
+            "created_at": _iso(row.created_at),
+            "key_features": row.key_features or "{}",  # JSON text: one CSV cell
         })
     return rows
 
