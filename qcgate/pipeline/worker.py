@@ -99,10 +99,19 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     ensemble = [m for m in members if not m.is_reference_reader] or members
     references = [m for m in members if m.is_reference_reader and m not in ensemble]
     notes: list[str] = []
-    probabilities = np.stack([m.probability for m in ensemble])
-    mean = probabilities.mean(axis=0)
+    # Mean and std only where some member sees something: most slices of a series are empty.
+    shape = ensemble[0].probability.shape
+    occupied = np.zeros(shape[0], bool)
+    for member in ensemble:
+        occupied |= member.probability.reshape(shape[0], -1).max(axis=1) > 0
+    mean = np.zeros(shape, np.float32)
+    uncertainty = np.zeros(shape, np.float32) if len(ensemble) >= 2 else None
+    if occupied.any():
+        stacked = np.stack([m.probability[occupied] for m in ensemble])
+        mean[occupied] = stacked.mean(axis=0)
+        if uncertainty is not None:
+            uncertainty[occupied] = stacked.std(axis=0)
     consensus = mean >= 0.5
-    uncertainty = probabilities.std(axis=0) if len(ensemble) >= 2 else None
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
     use_uncertainty = uncertainty is not None and bool(getattr(model, "has_uncertainty_variant", False))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import numpy as np
 from qcgate.pipeline.results import CaseResult, SliceResult, Verdict
 
 _COLOURS = {Verdict.ACCEPT: "#2e7d32", Verdict.REVIEW: "#f9a825", Verdict.REJECT: "#c62828"}
-_MAX_THUMBNAILS = 60
+_MAX_THUMBNAILS = 120
 
 
 def _png(figure) -> str:  # type: ignore[no-untyped-def]
@@ -22,32 +24,52 @@ def _png(figure) -> str:  # type: ignore[no-untyped-def]
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an (h, w, 3) uint8 array as PNG (zlib, no filter): fast enough for a hundred thumbnails."""
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    padded = np.pad(mask, 1)
+    interior = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
 def _thumbnail(item: SliceResult, image_hu: np.ndarray | None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Two panels side by side: CT (lung window) with the AI outline in the verdict's colour, and
+    the uncertainty map (or the mask when there is none), each a lesion-centred crop scaled ×2."""
     rows, cols = np.nonzero(item.ai_mask)
     pad = 24
-    r0, r1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, item.ai_mask.shape[0])
-    c0, c1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, item.ai_mask.shape[1])
-    figure, axes = plt.subplots(1, 2, figsize=(4.2, 2.2))
+    r0, r1 = max(int(rows.min()) - pad, 0), min(int(rows.max()) + pad + 1, item.ai_mask.shape[0])
+    c0, c1 = max(int(cols.min()) - pad, 0), min(int(cols.max()) + pad + 1, item.ai_mask.shape[1])
+    mask = item.ai_mask[r0:r1, c0:c1]
     if image_hu is not None:
-        axes[0].imshow(np.clip(image_hu[r0:r1, c0:c1], -1350, 150), cmap="gray")
-    axes[0].contour(item.ai_mask[r0:r1, c0:c1], levels=[0.5], colors=[_COLOURS[item.verdict]], linewidths=1.2)
-    axes[0].set_title("AI segmentation", fontsize=8)
-    uncertainty = item.uncertainty_map[r0:r1, c0:c1] if item.uncertainty_map is not None else None
-    if uncertainty is not None:
-        axes[1].imshow(uncertainty, cmap="magma")
+        grey = ((np.clip(image_hu[r0:r1, c0:c1], -1350, 150) + 1350) / 1500 * 255).astype(np.uint8)
     else:
-        axes[1].imshow(item.ai_mask[r0:r1, c0:c1], cmap="gray")
-    axes[1].set_title("uncertainty map" if uncertainty is not None else "mask (no uncertainty map)", fontsize=8)
-    for axis in axes:
-        axis.set_axis_off()
-    encoded = _png(figure)
-    plt.close(figure)
-    return encoded
+        grey = np.where(mask, 160, 40).astype(np.uint8)
+    left = np.repeat(grey[..., None], 3, axis=2)
+    colour = np.array([int(_COLOURS[item.verdict][i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
+    left[_outline(mask)] = colour
+    if item.uncertainty_map is not None:
+        um = item.uncertainty_map[r0:r1, c0:c1]
+        scaled = np.clip(um / max(float(um.max()), 1e-6), 0, 1)
+        # black -> red -> yellow, a simple "hot" map
+        right = np.stack([np.clip(scaled * 2, 0, 1), np.clip(scaled * 2 - 1, 0, 1), np.zeros_like(scaled)], axis=2)
+        right = (right * 255).astype(np.uint8)
+    else:
+        right = np.repeat(np.where(mask, 200, 30).astype(np.uint8)[..., None], 3, axis=2)
+    gap = np.full((mask.shape[0], 4, 3), 255, np.uint8)
+    panel = np.concatenate([left, gap, right], axis=1)
+    panel = np.repeat(np.repeat(panel, 2, axis=0), 2, axis=1)
+    return base64.b64encode(_png_bytes(np.ascontiguousarray(panel))).decode("ascii")
 
 
 def _tau_q_plot(result: CaseResult) -> str:
@@ -102,7 +124,8 @@ def write_case_report(result: CaseResult, out_path: Path, image_hu: np.ndarray |
         for item in result.slices[:_MAX_THUMBNAILS]:
             slice_image = image_hu[item.slice_index] if image_hu is not None else None
             parts.append(f"<figure><img src='data:image/png;base64,{_thumbnail(item, slice_image)}'>"
-                         f"<figcaption>slice {item.slice_index}: {item.verdict.value}</figcaption></figure>")
+                         f"<figcaption>slice {item.slice_index}: {item.verdict.value} (left: CT and AI outline; "
+                         f"right: {'uncertainty map' if item.uncertainty_map is not None else 'mask'})</figcaption></figure>")
         if len(result.slices) > _MAX_THUMBNAILS:
             parts.append(f"<p>… {len(result.slices) - _MAX_THUMBNAILS} more slices in the table above.</p>")
     else:
