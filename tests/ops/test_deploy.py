@@ -112,3 +112,23 @@ def test_example_config_validates_and_documents_every_key() -> None:
 def test_check_config_command_accepts_the_example() -> None:
     result = subprocess.run([sys.executable, "-m", "qcgate.cli", "check-config", str(EXAMPLE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
+
+
+def test_orthanc_example_routes_to_the_gate_and_never_loops() -> None:
+    """The Orthanc example is consistent: the gate's modality entry, the Lua script's AE titles and
+    the loop guard (results from the gate are never forwarded back)."""
+    import json
+    import re
+
+    folder = REPO / "deploy" / "orthanc"
+    text = "\n".join(line for line in (folder / "orthanc.json").read_text().splitlines() if not line.strip().startswith("//"))
+    config = json.loads(text)
+    gate = config["DicomModalities"]["qcgate"]
+    lua = (folder / "route-to-qcgate.lua").read_text()
+    assert re.search(rf"GATE_AET = '{gate['AET']}'", lua) and "GATE_MODALITY = 'qcgate'" in lua
+    ai = config["DicomModalities"]["ai"]
+    assert f"AI_AET = '{ai['AET']}'" in lua
+    assert "if origin == GATE_AET then" in lua and "function OnStableSeries" in lua
+    assert config["DicomAlwaysAllowStore"] is False and gate["AllowStore"] is True
+    assert config["LuaScripts"] == ["/etc/orthanc/route-to-qcgate.lua"]
+    assert gate["Port"] == Settings().node.port
