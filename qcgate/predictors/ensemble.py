@@ -102,23 +102,24 @@ def predict(model, slices, *, use_uncertainty: bool) -> np.ndarray:
 
 
 def key_features(model, slices, *, top: int = 5) -> list[dict[str, float]]:
-    """Per slice, the feature values with the largest |w_j z_j| of the answering Ridge."""
+    """Per slice, the ``top`` feature values with the largest |w_j z_j| of the Ridge that answers for
+    it (the UM Ridge for a slice with a UM when the model has one); {} without a Ridge or a lesion."""
     result: list[dict[str, float]] = [{} for _ in slices]
     if model.ridge is None:
         return result
     for position, item in enumerate(slices):
         item.validate(position)
-    for with_um in (False, True):
-        ridge = model.ridge_uncertainty if with_um and model.ridge_uncertainty is not None else model.ridge
-        if with_um and model.ridge_uncertainty is None:
+    by_ridge: dict[int, tuple[object, list[int]]] = {}
+    for i, item in enumerate(slices):
+        if not item.ai_mask.any():
             continue
-        selected = [i for i, s in enumerate(slices) if s.ai_mask.any()
-                    and ((s.uncertainty_map is not None and model.ridge_uncertainty is not None) == with_um)]
-        if not selected:
-            continue
+        use_um = item.uncertainty_map is not None and model.ridge_uncertainty is not None
+        ridge = model.ridge_uncertainty if use_um else model.ridge
+        by_ridge.setdefault(id(ridge), (ridge, []))[1].append(i)
+    for ridge, selected in by_ridge.values():
         x = runtime_features(model, [slices[i] for i in selected], ridge)
-        contributions = np.abs(ridge.contributions(x))
+        contributions = np.abs(ridge.contributions(x))  # type: ignore[attr-defined]
         for row, i in enumerate(selected):
             order = np.argsort(-contributions[row], kind="stable")[:top]
-            result[i] = {ridge.feature_names[j]: float(x[row, j]) for j in order}
+            result[i] = {ridge.feature_names[j]: float(x[row, j]) for j in order}  # type: ignore[attr-defined]
     return result

@@ -4,12 +4,9 @@ model directory (``qcgate.predictors.artifacts``) with its model card."""
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 import qcgate
 from qcgate.cohort.model import Cohort
@@ -153,9 +150,3 @@ def model_card(manifest: dict, table3: Table3, *, intended_use: str, limits: str
               "Ridge as JSON, ResNet weights as safetensors; nothing is pickled.", ""]
     return "\n".join(lines)
 
-
-def table_json(table3: Table3) -> str:
-    return json.dumps(table3.to_dict(), indent=1)
-
-
-__all__ = ["KINDS", "train_model", "model_card", "table_json", "np"]
