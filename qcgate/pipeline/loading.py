@@ -14,6 +14,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array as decode_pixels
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 LESION_PROPERTY_CODES = {"52988006", "49755003", "4147007"}  # SCT lesion, morphologically abnormal structure, mass
@@ -29,7 +30,7 @@ class CtSeries:
     """A CT series sorted along its slice normal (works for gantry tilt and uneven spacing)."""
 
     datasets: list[Dataset]
-    hu: np.ndarray  # (slices, rows, cols) float32
+    hu: np.ndarray  # (slices, rows, cols): int16 when HU are integers, else float32
     pixel_spacing: tuple[float, float]
     frame_of_reference_uid: str
     positions_mm: np.ndarray  # (slices, 3) ImagePositionPatient
@@ -44,7 +45,7 @@ class SegMember:
     """One SEG of the case: the lesion segment's probability on every CT slice."""
 
     dataset: Dataset
-    probability: np.ndarray  # (slices, rows, cols) float32 in [0, 1]
+    probability: np.ndarray  # (slices, rows, cols) float16 in [0, 1] (half the memory; ample precision)
     is_reference_reader: bool  # a MANUAL segmentation: a reader, not an ensemble member
     label: str
 
@@ -81,11 +82,17 @@ def load_ct_series(paths: Sequence[Path]) -> CtSeries:
     if len(order) > 1 and np.min(np.diff(distance[order])) < 1e-3:
         raise JobFailure("two CT slices share one position along the slice normal")
     datasets = [datasets[i] for i in order]
+    slopes = {float(ds.get("RescaleSlope", 1) or 1) for ds in datasets}
+    intercepts = {float(ds.get("RescaleIntercept", 0) or 0) for ds in datasets}
+    # Integer HU (the usual slope 1) fit int16 at half the memory of float32.
+    integral = slopes == {1.0} and all(float(i).is_integer() for i in intercepts)
+    hu = np.empty((len(datasets), *shapes.pop()), np.int16 if integral else np.float32)
     try:
-        hu = np.stack([
-            ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-            for ds in datasets
-        ])
+        for k, ds in enumerate(datasets):
+            # pixel_array(ds) decodes without caching the array on the dataset (pydicom's property does).
+            stored = decode_pixels(ds).astype(np.float32)
+            values = stored * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+            hu[k] = np.clip(values, -32768, 32767) if integral else values
     except Exception as exc:  # any decoder failure is a property of the data
         raise JobFailure(f"CT pixel data cannot be decoded: {type(exc).__name__}: {exc}") from None
     return CtSeries(
@@ -161,7 +168,7 @@ def load_seg_member(path: Path, ct: CtSeries, labels: Sequence[str]) -> SegMembe
     algorithm_types = {str(item.get("SegmentAlgorithmType", "")) for item in seg.SegmentSequence if int(item.SegmentNumber) == segment_number}
     return SegMember(
         dataset=seg,
-        probability=np.clip(probability, 0.0, 1.0),
+        probability=np.clip(probability, 0.0, 1.0).astype(np.float16),
         is_reference_reader=algorithm_types == {"MANUAL"},
         label=label,
     )

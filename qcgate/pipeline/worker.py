@@ -104,13 +104,14 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     occupied = np.zeros(shape[0], bool)
     for member in ensemble:
         occupied |= member.probability.reshape(shape[0], -1).max(axis=1) > 0
-    mean = np.zeros(shape, np.float32)
-    uncertainty = np.zeros(shape, np.float32) if len(ensemble) >= 2 else None
-    if occupied.any():
-        stacked = np.stack([m.probability[occupied] for m in ensemble])
-        mean[occupied] = stacked.mean(axis=0)
+    # float16 halves the memory of full-series maps; every use below converts one slice to float32.
+    mean = np.zeros(shape, np.float16)
+    uncertainty = np.zeros(shape, np.float16) if len(ensemble) >= 2 else None
+    for k in np.flatnonzero(occupied):
+        stacked = np.stack([m.probability[k].astype(np.float32) for m in ensemble])
+        mean[k] = stacked.mean(axis=0)
         if uncertainty is not None:
-            uncertainty[occupied] = stacked.std(axis=0)
+            uncertainty[k] = stacked.std(axis=0)
     consensus = mean >= 0.5
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
@@ -128,11 +129,12 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
 
     inputs = []
     for k in lesion_slices:
-        lung = lung_mask_from_hu(ct.hu[k])
+        image = ct.hu[k].astype(np.float32)
+        lung = lung_mask_from_hu(image)
         if not lung.any():
             notes.append(f"slice {k}: no lung found; the imaging group falls back")
-        inputs.append(SliceInput(image_hu=ct.hu[k], ai_probability=mean[k],
-                                 uncertainty_map=None if uncertainty is None else uncertainty[k],
+        inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
+                                 uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
                                  pixel_spacing=ct.pixel_spacing, lung_mask=lung))
     taus = np.asarray(model.predict(inputs, use_uncertainty=use_uncertainty), dtype=float) if inputs else np.zeros(0)
     key_features = model.key_features(inputs, top=5) if inputs else []
@@ -154,12 +156,12 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
         metrics = None
         if uncertainty is not None:
             metrics = {name.removeprefix("uncertainty."): float(value)
-                       for name, value in uncertainty_metrics(uncertainty[k], consensus[k]).items()}
+                       for name, value in uncertainty_metrics(uncertainty[k].astype(np.float32), consensus[k]).items()}
         slices.append(SliceResult(
             source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q, margin=margin,
             verdict=slice_verdict(tau, q, margin), lesion_area_mm2=float(consensus[k].sum() * pixel_area),
             uncertainty=metrics, key_features=key_features[position] if position < len(key_features) else {},
-            uncertainty_map=None if uncertainty is None else uncertainty[k],
+            uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
         ))
     verdict, policy = series_verdict([s.verdict for s in slices], settings)
     timer.lap("verdicts")
@@ -171,7 +173,8 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     )
 
 
-def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings, image_hu: np.ndarray | None = None) -> dict[str, tuple[Path, Any]]:
+def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings, image_hu: np.ndarray | None = None,
+                  timer: StageTimer | None = None) -> dict[str, tuple[Path, Any]]:
     """Write the QC SEG (when there is a lesion), the SR and the HTML report; {kind: (path, dataset)}."""
     import pydicom
 
@@ -185,18 +188,26 @@ def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings,
         seg_path = write_qc_seg(result, out_dir / "qc-seg.dcm")
         seg_dataset = pydicom.dcmread(seg_path, stop_before_pixels=True)
         outputs["seg"] = (seg_path, seg_dataset)
+    if timer is not None:
+        timer.lap("write_seg")
     if settings.write_uncertainty_map:
         from qcgate.writers.pmap import has_uncertainty_map, write_qc_pmap
 
         if has_uncertainty_map(result):
             pmap_path = write_qc_pmap(result, out_dir / "qc-uncertainty-pmap.dcm")
             outputs["pmap"] = (pmap_path, pydicom.dcmread(pmap_path, stop_before_pixels=True))
+            if timer is not None:
+                timer.lap("write_pmap")
     sr_path = write_qc_sr(result, out_dir / "qc-sr.dcm", qc_seg=seg_dataset)
     outputs["sr"] = (sr_path, pydicom.dcmread(sr_path, stop_before_pixels=True))
+    if timer is not None:
+        timer.lap("write_sr")
     if settings.write_report:
         from qcgate.report.html import write_case_report
 
         outputs["report"] = (write_case_report(result, out_dir / "report.html", image_hu), None)
+        if timer is not None:
+            timer.lap("write_report")
     return outputs
 
 
@@ -292,8 +303,7 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
         model = load_threshold_model(settings.pipeline.model)
         timer.lap("load_model")
         result = judge_case(ct, members, settings.pipeline, model, timer)
-        outputs = write_outputs(result, data_dir / "outputs" / f"case-{case_id}", settings.pipeline, ct.hu)
-        timer.lap("write_outputs")
+        outputs = write_outputs(result, data_dir / "outputs" / f"case-{case_id}", settings.pipeline, ct.hu, timer)
         with session_factory() as session, session.begin():
             job = session.get(Job, job_id)
             case = session.get(Case, case_id)
