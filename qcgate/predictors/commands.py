@@ -66,8 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_common(evaluate)
     evaluate.add_argument("--model", type=Path, default=None, dest="model_dir", metavar="DIR")
-    evaluate.add_argument("--kind", choices=("ridge", "resnet", "ensemble"), default="ensemble",
-                          help="without --model: which predictors to cross-validate (default ensemble = all)")
+    evaluate.add_argument("--kind", choices=("auto", "ridge", "resnet", "ensemble"), default="auto",
+                          help="without --model: which predictors to cross-validate; ensemble = all rows; "
+                          "auto (default) = ensemble when the cohort has CT images, else ridge (on mask-only "
+                          "cohorts such as LIDC the mask ResNet costs minutes per fold and did not help)")
     evaluate.add_argument("--out", type=Path, default=None, help="write CSV, Markdown, HTML, JSON and plots here")
     evaluate.add_argument("--format", choices=("text", "json"), default="text")
     evaluate.set_defaults(handler=run_evaluate)
@@ -150,6 +152,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from qcgate.predictors.dataset import build_rows
 
         config = _resnet_config(args)
+        if args.kind == "auto":
+            args.kind = "ensemble" if cohort.has_images else "ridge"
         rows = build_rows(cohort, with_crops=args.kind in ("resnet", "ensemble"), crop_size=config.crop_size,
                           workers=args.workers, progress=not args.quiet and args.format != "json")
         table3 = cross_validated_table3(rows, kind=args.kind, n_folds=_folds(args), resnet_config=config,

@@ -45,9 +45,11 @@ def test_train_then_evaluate_json(cohort_dir: Path, tmp_path: Path, capsys: pyte
 
 
 def test_cross_validated_evaluate_text(cohort_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", str(cohort_dir), "--kind", "ridge", "--folds", "2", "--repeats", "2", "--quiet"]) == 0
+    # --kind auto on a cohort without CT: the Ridge rows only (no mask ResNet)
+    assert main(["evaluate", str(cohort_dir), "--folds", "2", "--repeats", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "cross-validation, 2 folds" in printed and "| Ridge w/o UM |" in printed
+    assert "cross-validation, 2 folds" in printed and "| Ridge w/o UM |" in printed and "| Ridge w. UM |" in printed
+    assert "ResNet" not in printed
 
 
 def test_broken_model_dir_is_one_line_and_exit_2(cohort_dir: Path, tmp_path: Path,
