@@ -55,6 +55,9 @@ def send_file(path: Path, destination: Destination, calling_ae: str, timeout: fl
         kind = "permanent" if permanent else "transient"
         return AttemptOutcome(kind, None, f"association rejected ({'permanent' if permanent else 'transient'})")
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The peer answered but accepts none of our contexts (pynetdicom then aborts): permanent.
+            return AttemptOutcome("permanent", None, f"destination accepts no presentation context for {dataset.SOPClassUID}")
         return AttemptOutcome("transient", None, "no association (destination unreachable or aborted)")
     try:
         if not assoc.accepted_contexts:
