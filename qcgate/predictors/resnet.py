@@ -240,7 +240,9 @@ class ResNetPredictor:
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in self.network.state_dict().items()}  # type: ignore[attr-defined]
-        save_file(state, str(path), metadata={"format": "qcgate.resnet", "channels": ",".join(self.channels)})
+        # One metadata key: safetensors writes a multi-key metadata map in no fixed order, which would
+        # make identical weights hash differently (the channels are in the manifest).
+        save_file(state, str(path), metadata={"format": "qcgate.resnet"})
 
     @classmethod
     def load(cls, path: Path, config: ResNetConfig, channels: Sequence[str]) -> ResNetPredictor:

@@ -83,3 +83,15 @@ def test_same_seed_same_metrics_different_seed_different_resnet() -> None:
     assert not np.array_equal(first["ResNet w/o UM"], other["ResNet w/o UM"])
     # the patient-grouped global threshold is a training-fold mean: never the slice's own fold alone
     assert np.all((first[GLOBAL] > 0) & (first[GLOBAL] < 1))
+
+
+def test_same_seed_gives_byte_identical_weight_files(tmp_path) -> None:
+    from qcgate.predictors.artifacts import sha256_file
+    from qcgate.predictors.resnet import train_resnet
+
+    rng = np.random.default_rng(0)
+    crops = rng.random((12, 3, 32, 32)).astype(np.float32)
+    targets = rng.random(12)
+    for name in ("a", "b"):
+        train_resnet(crops, targets, ("ct", "probability"), tiny_resnet_config(seed=4)).save(tmp_path / f"{name}.safetensors")
+    assert sha256_file(tmp_path / "a.safetensors") == sha256_file(tmp_path / "b.safetensors")
