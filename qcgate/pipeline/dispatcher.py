@@ -26,9 +26,22 @@ from qcgate.store.models import Case, CaseState, Job, JobState, utcnow
 LOG = logging.getLogger("qcgate.dispatcher")
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, SIGKILL this worker when the process that started it dies, so a
+    `kill -9` of the gate leaves no orphan finishing a job that the restarted gate runs again."""
+    try:
+        import ctypes
+        import signal as signals
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signals.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # elsewhere the ownership token still keeps a stale worker from recording anything
+
+
 def local_process_pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the parent runs threads (the DICOM node) that fork would copy mid-flight.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent)
 
 
 def recover_interrupted_jobs(session_factory: sessionmaker[Session], max_attempts: int) -> int:
@@ -45,17 +58,20 @@ def recover_interrupted_jobs(session_factory: sessionmaker[Session], max_attempt
         return len(stuck)
 
 
-def claim_next_job(session_factory: sessionmaker[Session]) -> int | None:
-    """Atomically move the oldest pending job to running; its id, or None."""
+def claim_next_job(session_factory: sessionmaker[Session]) -> tuple[int, str] | None:
+    """Atomically move the oldest pending job to running; (its id, the claim token), or None.
+
+    The token is stored in jobs.worker; a worker records its result only while it still holds it."""
     with session_factory() as session, session.begin():
         candidate = session.scalar(select(Job.id).where(Job.state == JobState.PENDING.value).order_by(Job.id).limit(1))
         if candidate is None:
             return None
+        token = worker_identity()
         claimed = session.execute(
             update(Job).where(Job.id == candidate, Job.state == JobState.PENDING.value).values(
-                state=JobState.RUNNING.value, attempts=Job.attempts + 1, started_at=utcnow(), worker=worker_identity())
+                state=JobState.RUNNING.value, attempts=Job.attempts + 1, started_at=utcnow(), worker=token)
         ).rowcount
-        return int(candidate) if claimed == 1 else None
+        return (int(candidate), token) if claimed == 1 else None
 
 
 class Dispatcher(threading.Thread):
@@ -81,11 +97,12 @@ class Dispatcher(threading.Thread):
                 self._harvest()
                 self._enforce_time_limits()
                 while len(self.running) < self.settings.pipeline.workers:
-                    job_id = claim_next_job(self.session_factory)
-                    if job_id is None:
+                    claim = claim_next_job(self.session_factory)
+                    if claim is None:
                         break
+                    job_id, token = claim
                     LOG.info("job %s started", job_id)
-                    self.running[job_id] = (self.executor.submit(run_qc_job, job_id, self._settings_json), time.monotonic())
+                    self.running[job_id] = (self.executor.submit(run_qc_job, job_id, self._settings_json, token), time.monotonic())
             except Exception:  # a database hiccup must not stop dispatching
                 LOG.exception("dispatcher pass failed; retrying")
             self._stop_event.wait(self.settings.assembly.poll_interval_seconds)

@@ -13,12 +13,13 @@ import os
 import socket
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qcgate.config import PipelineSettings, Settings
@@ -213,10 +214,6 @@ def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings,
 
 def _record_success(session: Session, job: Job, case: Case, result: CaseResult, outputs: dict[str, tuple[Path, Any]],
                     data_dir: Path, destinations: list[str], timer: StageTimer) -> None:
-    session.execute(delete(SliceResultRecord).where(SliceResultRecord.job_id == job.id))
-    old_outputs = select(Output.id).where(Output.job_id == job.id)
-    session.execute(delete(Delivery).where(Delivery.output_id.in_(old_outputs)))
-    session.execute(delete(Output).where(Output.job_id == job.id))
     for item in result.slices:
         session.add(SliceResultRecord(
             case_id=case.id, job_id=job.id, sop_instance_uid=str(item.source_image.SOPInstanceUID),
@@ -247,9 +244,15 @@ def _record_success(session: Session, job: Job, case: Case, result: CaseResult, 
     job.timings = json.dumps(timer.seconds)
 
 
-def _record_failure(session: Session, job_id: int, reason: str) -> None:
-    job = session.get(Job, job_id)
-    if job is None:
+def _owns(job: Job | None, token: str | None) -> bool:
+    """True while ``job`` is running under this worker's claim token."""
+    return job is not None and job.state == JobState.RUNNING.value and (token is None or job.worker == token)
+
+
+def _record_failure(session: Session, job_id: int, reason: str, token: str | None) -> None:
+    job = session.get(Job, job_id, with_for_update=True)
+    if not _owns(job, token):
+        LOG.warning("job %s: no longer ours (re-claimed or finished elsewhere); failure not recorded", job_id)
         return
     job.state = JobState.FAILED.value
     job.finished_at = utcnow()
@@ -270,25 +273,27 @@ def load_threshold_model(name_or_path: str) -> Any:
     return _MODEL_CACHE[name_or_path]
 
 
-def run_qc_job(job_id: int, settings_json: str) -> dict[str, Any]:
-    """Executor entry point: run job ``job_id`` to done or failed; returns a small summary."""
+def run_qc_job(job_id: int, settings_json: str, token: str | None = None) -> dict[str, Any]:
+    """Executor entry point: run job ``job_id`` to done or failed; returns a small summary.
+
+    ``token`` is the dispatcher's claim; results are recorded only while the job still carries it."""
     settings = Settings.model_validate_json(settings_json)
     engine = create_db_engine(settings.database_url)
     session_factory = make_session_factory(engine)
     data_dir = settings.storage.data_dir.resolve()
     timer = StageTimer()
     try:
-        return _run(job_id, settings, session_factory, data_dir, timer)
+        return _run(job_id, settings, session_factory, data_dir, timer, token)
     finally:
         engine.dispose()
 
 
-def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, timer: StageTimer) -> dict[str, Any]:
+def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, timer: StageTimer, token: str | None) -> dict[str, Any]:
     try:
         with session_factory() as session:
             job = session.get(Job, job_id)
-            if job is None:
-                return {"job_id": job_id, "state": "missing"}
+            if not _owns(job, token):
+                return {"job_id": job_id, "state": "not-owner"}
             case_id = job.case_id
             rows = session.execute(select(Instance.sop_class_uid, Instance.spool_path).where(Instance.case_id == case_id)).all()
         spool = data_dir / "spool"
@@ -305,9 +310,11 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
         result = judge_case(ct, members, settings.pipeline, model, timer)
         outputs = write_outputs(result, data_dir / "outputs" / f"case-{case_id}", settings.pipeline, ct.hu, timer)
         with session_factory() as session, session.begin():
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id, with_for_update=True)
             case = session.get(Case, case_id)
-            assert job is not None and case is not None
+            if not _owns(job, token) or case is None:
+                LOG.warning("job %s: no longer ours (re-claimed or finished elsewhere); result discarded", job_id)
+                return {"job_id": job_id, "state": "not-owner"}
             _record_success(session, job, case, result, outputs, data_dir, settings.delivery.destinations, timer)
         LOG.info("job %s done: case %s %s, %d lesion slices", job_id, case_id, result.series_verdict.value, len(result.slices))
         return {"job_id": job_id, "state": "done", "verdict": result.series_verdict.value, "timings": timer.seconds}
@@ -318,9 +325,10 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
         reason = f"internal error: {type(exc).__name__}: {exc}"
         LOG.error("job %s failed: %s\n%s", job_id, reason, traceback.format_exc())
     with session_factory() as session, session.begin():
-        _record_failure(session, job_id, reason)
+        _record_failure(session, job_id, reason, token)
     return {"job_id": job_id, "state": "failed", "error": reason}
 
 
 def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """A claim token: host, dispatcher pid and a random part, unique per claim."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
