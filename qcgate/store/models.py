@@ -235,6 +235,8 @@ class SliceResultRecord(Base):
         # audit: slices by verdict and date
         Index("ix_slice_results_verdict_created", "verdict", "created_at"),
         Index("ix_slice_results_created", "created_at"),
+        # per-case probe when a vendor/AE filter drives the plan: only the matching slices are read
+        Index("ix_slice_results_case_verdict_created", "case_id", "verdict", "created_at"),
         UniqueConstraint("job_id", "sop_instance_uid", name="uq_slice_result_job_sop"),
     )
 

@@ -134,3 +134,35 @@ def test_parse_when_relative_and_iso() -> None:
     import argparse
     with pytest.raises(argparse.ArgumentTypeError):
         parse_when("last week")
+
+
+def test_migration_0003_adds_and_removes_only_its_indexes(db_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import inspect
+
+    url = db_url or f"sqlite:///{tmp_path / 'migrate.db'}"
+    engine = create_db_engine(url)
+    try:
+        upgrade_database(engine, "0002")
+
+        def indexes() -> set[str]:
+            inspector = inspect(engine)
+            return {ix["name"] for table in inspector.get_table_names() for ix in inspector.get_indexes(table)}
+
+        before = indexes()
+        upgrade_database(engine, "0003")
+        added = indexes() - before
+        assert {"ix_cases_verdict_created", "ix_instances_manufacturer_case", "ix_associations_calling_ae",
+                "ix_slice_results_case_verdict_created", "ix_outputs_sop"} <= added
+        from alembic import command
+        from alembic.config import Config
+
+        from qcgate.store.database import _MIGRATIONS
+
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0002")
+        assert indexes() == before
+    finally:
+        engine.dispose()

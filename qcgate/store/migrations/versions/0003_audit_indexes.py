@@ -36,10 +36,12 @@ def upgrade() -> None:
     with op.batch_alter_table('slice_results', schema=None) as batch_op:
         batch_op.create_index('ix_slice_results_created', ['created_at'], unique=False)
         batch_op.create_index('ix_slice_results_verdict_created', ['verdict', 'created_at'], unique=False)
+        batch_op.create_index('ix_slice_results_case_verdict_created', ['case_id', 'verdict', 'created_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('slice_results', schema=None) as batch_op:
+        batch_op.drop_index('ix_slice_results_case_verdict_created')
         batch_op.drop_index('ix_slice_results_verdict_created')
         batch_op.drop_index('ix_slice_results_created')
 
