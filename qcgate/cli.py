@@ -27,6 +27,17 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1, with a message that names the bad value."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every registered sub-command."""
     parser = argparse.ArgumentParser(prog="qcgate", description=__doc__.splitlines()[0])

@@ -1,4 +1,6 @@
-"""Sub-command: `worker` — run QC jobs and deliveries without a DICOM listener (scale-out)."""
+"""Sub-command: `worker` — run QC jobs without a DICOM listener (scale-out).
+
+Deliveries stay with `qcgate serve`: one outbox per database, so no output is sent twice."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from qcgate.node.commands import add_settings_arguments, settings_from_args
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from qcgate.delivery.outbox import Outbox
     from qcgate.logs import configure_logging
     from qcgate.pipeline.dispatcher import Dispatcher
     from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
@@ -21,20 +22,17 @@ def _worker(args: argparse.Namespace) -> int:
     upgrade_database(engine)
     session_factory = make_session_factory(engine)
     dispatcher = Dispatcher(settings, session_factory)
-    outbox = Outbox(settings.delivery, session_factory, settings.storage.data_dir.resolve(), settings.node.ae_title)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())
     dispatcher.start()
-    outbox.start()
     stopped.wait()
     dispatcher.stop()
-    outbox.stop()
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    worker = subparsers.add_parser("worker", help="run QC jobs and deliveries from the shared database (no listener)")
+    worker = subparsers.add_parser("worker", help="run QC jobs from the shared database (no listener; `serve` delivers)")
     add_settings_arguments(worker)
     worker.add_argument("--workers", type=int, help="worker processes (default: pipeline.workers)")
     worker.add_argument("--model", help="threshold model: a name under models/ or a directory")

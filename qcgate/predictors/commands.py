@@ -7,17 +7,8 @@ import json
 import shlex
 from pathlib import Path
 
+from qcgate.cli import positive_int
 from qcgate.errors import InputError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -25,17 +16,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="a qcgate cohort directory (cohort.json) or an LIDC-layout directory")
     parser.add_argument("--folds", type=int, default=5,
                         help="outer patient-grouped folds (default 5; 0 = leave-one-patient-out)")
-    parser.add_argument("--repeats", type=_positive_int, default=20, help="simulation repeats (default 20)")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="simulation repeats (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation and the ResNet (default 0)")
     parser.add_argument("--sim-mean", type=float, default=None,
                         help="mean of the synthetic DSC (default: the cohort's mean DSC Lesion)")
     parser.add_argument("--sim-sd", type=float, default=None,
                         help="SD of the synthetic DSC (default: the cohort's SD of DSC Lesion)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="ResNet epochs (default 20)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="ResNet epochs (default 20)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="plain Ridge (no median calibration of its output)")
-    parser.add_argument("--max-patients", type=_positive_int, default=None)
-    parser.add_argument("--workers", type=_positive_int, default=1, help="feature extraction processes (default 1)")
+    parser.add_argument("--max-patients", type=positive_int, default=None)
+    parser.add_argument("--workers", type=positive_int, default=1, help="feature extraction processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

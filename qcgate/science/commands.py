@@ -9,17 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from qcgate.cli import positive_int
 from qcgate.errors import InputError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,13 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--out", type=Path, required=True, help="output directory (created)")
     analyze.add_argument("--folds", type=int, default=10,
                          help="outer patient-grouped folds (default 10; 0 = leave-one-patient-out)")
-    analyze.add_argument("--workers", type=_positive_int, default=None,
+    analyze.add_argument("--workers", type=positive_int, default=None,
                          help="worker processes (default: every core)")
-    analyze.add_argument("--max-patients", type=_positive_int, default=None,
+    analyze.add_argument("--max-patients", type=positive_int, default=None,
                          help="analyse only the first N patients (sorted ids), for quick runs")
     analyze.add_argument("--feature-mask", choices=("reference", "ai"), default="reference",
                          help="mask the features describe: the reference reader's (default) or the AI ensemble's")
-    analyze.add_argument("--min-readers", type=_positive_int, default=1,
+    analyze.add_argument("--min-readers", type=positive_int, default=1,
                          help="analyse only slices on which at least N readers drew (default 1: every lesion slice)")
     analyze.add_argument("--skip-bad-cases", action="store_true",
                          help="skip unreadable case files with a warning instead of stopping")
@@ -56,13 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with lesions, four simulated readers (R1A reference, R1B its repeat, R2, R3) and a simulated AI "
         "ensemble. Every file is labelled synthetic.",
     )
-    phantom.add_argument("--patients", type=_positive_int, default=30)
+    phantom.add_argument("--patients", type=positive_int, default=30)
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--out", type=Path, required=True)
     phantom.add_argument("--members", type=int, default=2, help="AI ensemble members (>= 2)")
     phantom.add_argument("--dicom", action="store_true",
                          help="also write each case as DICOM: a CT series, one SEG per reader and per AI member")
-    phantom.add_argument("--workers", type=_positive_int, default=None)
+    phantom.add_argument("--workers", type=positive_int, default=None)
     phantom.set_defaults(handler=run_phantom)
 
     importer = subparsers.add_parser(
