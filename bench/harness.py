@@ -2,7 +2,7 @@
 acknowledged is lost and that the node never crashes.
 
     .venv/bin/python bench/harness.py [--seed 1] [--senders 4] [--instances 20] [--kill-rounds 3]
-        [--fuzz 40] [--pydicom-files 12] [--outputs 12] [--backend sqlite|postgresql]
+        [--size 64] [--fuzz 40] [--pydicom-files 12] [--outputs 12] [--backend sqlite|postgresql]
         [--workers 0] [--time-limit 600] [--json REPORT.json]
 
 Phases, in order, against one data directory and database (every number is seeded by --seed):
@@ -214,11 +214,11 @@ class SentCase:
     uids: dict[Path, str]
 
 
-def make_cases(folder: Path, count: int, instances: int, seed: int) -> list[SentCase]:
-    """``count`` SYNTHETIC cases of ``instances`` instances each (instances-1 CT slices + 1 SEG)."""
+def make_cases(folder: Path, count: int, instances: int, seed: int, size: int = 64) -> list[SentCase]:
+    """``count`` SYNTHETIC cases of ``instances`` instances each (instances-1 CT slices of size x size + 1 SEG)."""
     cases = []
     for index in range(count):
-        ct_files, seg_file = write_synthetic_case(folder / f"case{index}", n_slices=max(1, instances - 1), size=64,
+        ct_files, seg_file = write_synthetic_case(folder / f"case{index}", n_slices=max(1, instances - 1), size=size,
                                                   seed=seed * 1000 + index, patient_id=f"SYNTH{seed}-{index}")
         files = [*ct_files, seg_file]
         uids = {path: str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files}
@@ -457,7 +457,7 @@ def fuzz_payload(valid: pydicom.Dataset, rng: random.Random) -> tuple[str, bytes
 # --------------------------------------------------------------------------- phases
 
 def phase_load(gate: GateProcess, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    cases = make_cases(workdir / "load", args.senders, args.instances, args.seed)
+    cases = make_cases(workdir / "load", args.senders, args.instances, args.seed, args.size)
     acknowledged, statuses, seconds = send_concurrently(gate.port, cases)
     args.send_seconds = seconds
     stored, lost = check_stored(gate, acknowledged)
@@ -473,7 +473,7 @@ def phase_kill9(gate: GateProcess, args: argparse.Namespace, workdir: Path, rng:
     rounds = []
     all_cases: list[SentCase] = []
     for round_index in range(args.kill_rounds):
-        cases = make_cases(workdir / f"kill{round_index}", args.senders, args.instances, args.seed + 100 + round_index)
+        cases = make_cases(workdir / f"kill{round_index}", args.senders, args.instances, args.seed + 100 + round_index, args.size)
         all_cases += cases
         outcome: dict[str, Any] = {}
 
@@ -508,7 +508,7 @@ def phase_kill9(gate: GateProcess, args: argparse.Namespace, workdir: Path, rng:
 def phase_disk_watermark(gate: GateProcess, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     gate.stop()
     gate.start(min_free_mb=1e12)  # far above any disk: every C-STORE must be refused with A700
-    cases = make_cases(workdir / "disk", 1, args.instances, args.seed + 200)
+    cases = make_cases(workdir / "disk", 1, args.instances, args.seed + 200, args.size)
     acknowledged, statuses, _ = send_concurrently(gate.port, cases)
     alive = gate.check_alive() and gate.echo()
     health = _http_status(gate.http_port, "/healthz")
@@ -537,7 +537,7 @@ def _http_status(port: int, path: str) -> int | None:
 def phase_postgres_drop(gate: GateProcess, args: argparse.Namespace, workdir: Path, rng: random.Random, database: str) -> dict[str, Any]:
     import psycopg
 
-    cases = make_cases(workdir / "pgdrop", args.senders, args.instances, args.seed + 300)
+    cases = make_cases(workdir / "pgdrop", args.senders, args.instances, args.seed + 300, args.size)
     outcome: dict[str, Any] = {}
 
     def send() -> None:
@@ -655,7 +655,8 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
     args.send_seconds = getattr(args, "send_seconds", 1.0)
     rng = random.Random(args.seed)
     deadline = time.monotonic() + args.time_limit
-    report: dict[str, Any] = {"seed": args.seed, "backend": args.backend, "workers": args.workers, "phases": {}, "skipped": []}
+    report: dict[str, Any] = {"seed": args.seed, "backend": args.backend, "workers": args.workers, "phases": {}, "skipped": [],
+                              "command": "bench/harness.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="qcgate-harness-") as tmp:
         workdir = Path(tmp)
         pg_name = None
@@ -734,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--senders", type=int, default=4, help="concurrent associations")
     parser.add_argument("--instances", type=int, default=20, help="instances per association (CT slices + 1 SEG)")
+    parser.add_argument("--size", type=int, default=64, help="CT slice rows and columns (SYNTHETIC images)")
     parser.add_argument("--kill-rounds", type=int, default=3)
     parser.add_argument("--outputs", type=int, default=12, help="synthetic outbox rows for the flapping destination")
     parser.add_argument("--flap-seconds", type=float, default=10.0)
