@@ -132,3 +132,46 @@ def test_orthanc_example_routes_to_the_gate_and_never_loops() -> None:
     assert config["DicomAlwaysAllowStore"] is False and gate["AllowStore"] is True
     assert config["LuaScripts"] == ["/etc/orthanc/route-to-qcgate.lua"]
     assert gate["Port"] == Settings().node.port
+
+
+@pytest.mark.slow
+def test_full_install_runs_the_installed_service_and_answers_echo(tmp_path: Path) -> None:
+    """The guide's path end to end, without systemd: install with dependencies into a fake root
+    (≈ 70 s), start the installed `qcgate serve` with the installed configuration (only the data
+    dir and ports moved into the test's directory), and C-ECHO it with DCMTK."""
+    import signal
+    import time
+
+    from tests.support import dcmtk_env, free_port
+
+    root = tmp_path / "root"
+    result = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-user", "--no-systemctl"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "qcgate.toml: OK" in result.stdout  # the installer validated the config with the installed code
+    venv_qcgate = root / "opt/qcgate/venv/bin/qcgate"
+    port = free_port()
+    config = tmp_path / "qcgate.toml"
+    text = (root / "etc/qcgate/qcgate.toml").read_text()
+    text = text.replace('data_dir = "/var/lib/qcgate"', f'data_dir = "{tmp_path / "data"}"', 1)
+    text = text.replace("port = 11112", f"port = {port}", 1).replace("port = 9464", "port = 0", 1)
+    config.write_text(text)
+    environment = {**os.environ, "QCGATE_MODELS_DIR": str(root / "opt/qcgate/models")}
+    models = subprocess.run([str(root / "opt/qcgate/venv/bin/python"), "-c",
+                             "from qcgate.predictors import load_named_model; load_named_model('lidc-geometry')"],
+                            capture_output=True, text=True, timeout=120, env=environment)
+    assert models.returncode == 0, models.stderr  # the unit's QCGATE_MODELS_DIR finds the installed models
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([str(venv_qcgate), "serve", "--config", str(config)], stdout=handle, stderr=subprocess.STDOUT, env=environment)
+    try:
+        deadline = time.monotonic() + 90
+        while f"listening on 127.0.0.1:{port}" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        echo = subprocess.run(["echoscu", "-aec", "QCGATE", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        assert echo.returncode == 0, echo.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert process.returncode == 0, log.read_text(errors="replace")[-2000:]
