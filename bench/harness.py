@@ -630,6 +630,27 @@ def phase_bad_input(gate: GateProcess, args: argparse.Namespace, workdir: Path, 
             "acknowledged": len(acknowledged), "stored_of_acknowledged": stored, "lost": len(lost), "node_answers_echo": gate.echo()}
 
 
+def settle_qc_outputs(gate: GateProcess, destination: FlappingDestination, deadline: float) -> dict[str, Any]:
+    """With workers: wait until no QC job and no delivery is pending, then count how often each QC
+    output (SEG, SR, ...) with a delivery reached the destination."""
+    while time.monotonic() < deadline:
+        busy = gate.sql("SELECT (SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')) + "
+                        "(SELECT count(*) FROM deliveries WHERE state = 'pending')")[0][0]
+        if busy == 0:
+            break
+        gate.check_alive()
+        time.sleep(1.0)
+    outputs = [uid for (uid,) in gate.sql("SELECT o.sop_instance_uid FROM outputs o JOIN deliveries d ON d.output_id = o.id "
+                                          "JOIN cases c ON c.id = o.case_id WHERE c.notes IS NULL OR c.notes NOT LIKE 'SYNTHETIC harness%'")]
+    received = destination.received()
+    jobs = Counter(state for (state,) in gate.sql("SELECT j.state FROM jobs j JOIN cases c ON c.id = j.case_id "
+                                                 "WHERE c.notes IS NULL OR c.notes NOT LIKE 'SYNTHETIC harness%'"))
+    return {"jobs_by_state": dict(jobs), "outputs_with_delivery": len(outputs),
+            "delivered_once": sum(1 for u in outputs if received[u] == 1),
+            "delivered_more_than_once": sum(1 for u in outputs if received[u] > 1),
+            "never_delivered": sum(1 for u in outputs if received[u] == 0)}
+
+
 # --------------------------------------------------------------------------- main
 
 def _create_postgres_database() -> tuple[str, str]:
@@ -690,6 +711,8 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
                 report["phases"][name] = phase()
                 report["phases"][name]["phase_seconds"] = round(time.perf_counter() - phase_started, 1)
             time.sleep(2.5)  # let the assembler see the last cases quiet (stable_seconds = 1)
+            if args.workers > 0:
+                report["qc_outputs"] = settle_qc_outputs(gate, destination, deadline + 120)
             cases = Counter(state for (state,) in gate.sql("SELECT state FROM cases WHERE notes IS NULL OR notes NOT LIKE 'SYNTHETIC harness%'"))
             gate.check_alive()
             gate.stop()
@@ -722,6 +745,8 @@ def print_summary(report: dict[str, Any]) -> None:
         brief = {k: v for k, v in phase.items() if k not in ("lost_uids", "by_source")}
         print(f"  {name}: {json.dumps(brief)}")
     print(f"  cases by state: {totals['cases_by_state']}")
+    if "qc_outputs" in report:
+        print(f"  QC outputs (workers > 0): {json.dumps(report['qc_outputs'])}")
     if report["skipped"]:
         print(f"  skipped (time limit): {report['skipped']}")
 
