@@ -645,7 +645,8 @@ def settle_qc_outputs(gate: GateProcess, destination: FlappingDestination, deadl
     received = destination.received()
     jobs = Counter(state for (state,) in gate.sql("SELECT j.state FROM jobs j JOIN cases c ON c.id = j.case_id "
                                                  "WHERE c.notes IS NULL OR c.notes NOT LIKE 'SYNTHETIC harness%'"))
-    return {"jobs_by_state": dict(jobs), "outputs_with_delivery": len(outputs),
+    failed = [reason for (reason,) in gate.sql("SELECT reason FROM cases WHERE state = 'failed'")]
+    return {"jobs_by_state": dict(jobs), "failed_case_reasons": [str(r)[:200] for r in failed[:5]], "outputs_with_delivery": len(outputs),
             "delivered_once": sum(1 for u in outputs if received[u] == 1),
             "delivered_more_than_once": sum(1 for u in outputs if received[u] > 1),
             "never_delivered": sum(1 for u in outputs if received[u] == 0)}
