@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.node.dicom_header import HeaderError, InstanceHeader, read_header
@@ -106,37 +107,50 @@ class Ingestor:
             ).first()
             if existing is not None:
                 return self._resend(incoming, header, existing.sha256, existing.case_id, digest, association_id)
+            try:
+                case_id = self._insert_rows(session, header, relative, digest, size, association_id)
+            except IntegrityError:
+                # The cached case was deleted (retention): forget the cache and link afresh, once.
+                session.rollback()
+                self._case_ids.clear()
+                case_id = self._insert_rows(session, header, relative, digest, size, association_id)
+            # The rows are written but not committed: the file is made durable in its place first.
             self.spool.commit(incoming, relative)
-            now = utcnow()
-            case_id = self._case_id(session, header)
-            instance_id = session.execute(insert(Instance).values(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                modality=header.modality,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                spool_path=str(relative),
-                size_bytes=size,
-                sha256=digest,
-                received_at=now,
-                association_id=association_id,
-                case_id=case_id,
-                referenced_series_uid=header.referenced_series_uids[0] if header.referenced_series_uids else None,
-                manufacturer=header.manufacturer,
-                algorithm_name=header.algorithm_name,
-                algorithm_version=header.algorithm_version,
-            ).returning(Instance.id)).scalar_one()
-            if header.referenced_sop_instance_uids:
-                session.execute(insert(SegReference), [
-                    {"seg_instance_id": instance_id, "referenced_sop_instance_uid": uid[:64]}
-                    for uid in sorted(header.referenced_sop_instance_uids)
-                ])
-            if case_id is not None:
-                touch_case(session, case_id, now)
             session.commit()
             LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case_id)
             return IngestResult(STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id)
+
+    def _insert_rows(self, session: Session, header: InstanceHeader, relative: Path, digest: str, size: int,
+                     association_id: int | None) -> int | None:
+        """Insert the instance (and a SEG's references), link and touch its case; no commit."""
+        now = utcnow()
+        case_id = self._case_id(session, header)
+        instance_id = session.execute(insert(Instance).values(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            modality=header.modality,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            spool_path=str(relative),
+            size_bytes=size,
+            sha256=digest,
+            received_at=now,
+            association_id=association_id,
+            case_id=case_id,
+            referenced_series_uid=header.referenced_series_uids[0] if header.referenced_series_uids else None,
+            manufacturer=header.manufacturer,
+            algorithm_name=header.algorithm_name,
+            algorithm_version=header.algorithm_version,
+        ).returning(Instance.id)).scalar_one()
+        if header.referenced_sop_instance_uids:
+            session.execute(insert(SegReference), [
+                {"seg_instance_id": instance_id, "referenced_sop_instance_uid": uid[:64]}
+                for uid in sorted(header.referenced_sop_instance_uids)
+            ])
+        if case_id is not None:
+            touch_case(session, case_id, now)
+        return case_id
 
     def _case_id(self, session: Session, header: InstanceHeader) -> int | None:
         series_uid = case_series_for(session, header)

@@ -148,9 +148,6 @@ def test_retention_command_dry_run_reports_json(filled: Any, tmp_path: Path) -> 
     assert len(_ages(engine)) == N_CASES  # a dry run deletes nothing
 
 
-@pytest.mark.xfail(strict=True, reason="qcgate/node/ingest.py caches series -> case id; after retention deletes the case, "
-                                        "a re-send of that series hits a foreign-key error (A700) until the node restarts. "
-                                        "Owner: node. Remove this mark when the cache is invalidated.")
 def test_a_series_resent_after_retention_is_stored_again(make_gate, tmp_path: Path) -> None:
     import time
 
