@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -99,7 +98,7 @@ def read_header(path: Path) -> InstanceHeader:
         sop_class = _required_uid(dataset, "SOPClassUID")
     except HeaderError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError, OSError, OverflowError) as exc:
+    except Exception as exc:  # untrusted bytes: any parser failure (BytesLengthException, struct.error, ...) is "unparseable"
         raise HeaderError("unparseable", f"payload does not parse as DICOM: {type(exc).__name__}: {exc}") from None
     try:
         transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID", "")) if hasattr(dataset, "file_meta") else ""
@@ -139,5 +138,5 @@ def read_header(path: Path) -> InstanceHeader:
         return InstanceHeader(**header_fields)
     except HeaderError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+    except Exception as exc:  # a corrupt element decoded lazily above: same verdict
         raise HeaderError("unparseable", f"header element does not parse: {type(exc).__name__}: {exc}") from None

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.config import NodeSettings
 from qcgate.node.dicom_header import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
-from qcgate.node.ingest import STATUS_OUT_OF_RESOURCES, Ingestor
+from qcgate.node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, Ingestor
 from qcgate.observability.metrics import MetricsRegistry
 from qcgate.store.models import AssociationRecord, utcnow
 
@@ -284,6 +284,10 @@ class GateNode:
             LOG.error("refused %s with 0xA700: storage unavailable: %s", sop_uid, exc)
             self.metrics.increment("qcgate_instances_refused_total", reason="storage-unavailable")
             return _status(STATUS_OUT_OF_RESOURCES, "storage unavailable, retry later")
+        except Exception as exc:  # a bug must cost one refusal, not the association
+            LOG.exception("refused %s with 0xC000: unexpected error: %s", sop_uid, exc)
+            self.metrics.increment("qcgate_instances_refused_total", reason="internal-error")
+            return _status(STATUS_CANNOT_UNDERSTAND, f"unexpected error: {type(exc).__name__}")
         with state.lock:
             if result.status == 0x0000:
                 state.stored += 1

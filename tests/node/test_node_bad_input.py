@@ -138,3 +138,15 @@ def test_disk_below_the_watermark_is_refused_with_a700(make_gate, tmp_path: Path
     assert gate.sql("SELECT reason_code, dimse_status FROM refused_instances") == [("disk-full", 0xA700)]
     assert gate.sql("SELECT count(*) FROM instances") == [(0,)]
     assert not any((gate.data_dir / "spool" / ".incoming").iterdir())
+
+
+def test_wrong_value_lengths_in_the_header_are_quarantined_not_a_handler_crash(gate) -> None:
+    payload = bytearray(dataset_bytes_without_meta(PYDICOM_TEST_FILES / "CT_small.dcm"))
+    columns = bytes.fromhex("28001100") + b"US" + (2).to_bytes(2, "little")
+    at = payload.index(columns)
+    # A 1-byte US value: the length field says 1 and one value byte is dropped.
+    corrupted = payload[:at] + bytes.fromhex("28001100") + b"US" + (1).to_bytes(2, "little") + payload[at + 8:at + 9] + payload[at + 10:]
+    status = send_raw_c_store(gate.port, bytes(corrupted), sop_instance=str(pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm").SOPInstanceUID))
+    assert status == 0xC000  # not 0xC211, pynetdicom's "the handler raised"
+    ((code, kept),) = gate.sql("SELECT reason_code, quarantine_path FROM refused_instances")
+    assert code == "unparseable" and Path(kept).exists()
