@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.config import NodeSettings
+from qcgate.errors import ConfigError
 from qcgate.node.dicom_header import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
 from qcgate.node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, Ingestor
 from qcgate.observability.metrics import MetricsRegistry
@@ -139,12 +140,15 @@ class GateNode:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]
-        self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=build_ssl_context(self.settings),
-        )
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=build_ssl_context(self.settings),
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}") from None
         LOG.info("listening on %s:%d as %s", self.settings.host, self.bound_port, self.settings.ae_title)
 
     @property

@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from qcgate.errors import ConfigError
+
 LOG = logging.getLogger("qcgate.http")
 
 
@@ -45,7 +47,11 @@ class ObservabilityServer:
 
         self.metrics = metrics
         self.health = health
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(f"observability: cannot listen on {host}:{port}: {exc.strerror or exc} "
+                              "(set [observability] port, or enabled = false)") from None
         self.thread = threading.Thread(target=self.server.serve_forever, name="qcgate-http", daemon=True)
 
     @property

@@ -59,3 +59,16 @@ def test_unreachable_postgresql_is_a_clear_error() -> None:
     result = _qcgate("db", "upgrade", "--db-url", f"postgresql://nobody@127.0.0.1:{free_port()}/none")
     assert result.returncode == 2
     assert "cannot reach database" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    try:
+        result = _qcgate("serve", "--data-dir", str(tmp_path), "--port", str(busy))
+        assert result.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{busy}" in result.stderr and "Traceback" not in result.stderr
+    finally:
+        holder.close()
