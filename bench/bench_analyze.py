@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.sections import write_section  # noqa: E402
 LIDC = Path("..") / "shared" / "data" / "lidc"  # relative to the repository root
 SECTION = "## Analyze"
 
@@ -47,17 +50,6 @@ def run_once(workers: int, extra: list[str]) -> tuple[float, str, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return elapsed, completed.stdout, cpu
-
-
-def replace_section(text: str, body: str) -> str:
-    """Replace (or append) the "## Analyze" section, up to the next "## " heading."""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{body.rstrip()}\n\n"
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text, count=1)
-    if text and not text.endswith("\n"):
-        text += "\n"
-    return text + ("\n" if text else "# Benchmarks\n\n") + block
 
 
 def main() -> int:
@@ -117,10 +109,7 @@ def main() -> int:
     print()
     print(body)
     if args.write:
-        path = REPO / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else ""
-        path.write_text(replace_section(text, body))
-        print(f"\nwrote the {SECTION} section of {path}")
+        write_section(SECTION, body)
     return 0
 
 

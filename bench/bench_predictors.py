@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -33,16 +32,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.sections import write_section  # noqa: E402
 SECTION = "## Predictors"
-
-
-def replace_section(text: str, body: str) -> str:
-    """Replace (or append) the SECTION block, keeping every other section as it is."""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{body.rstrip()}\n\n"
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text, count=1)
-    return text + ("\n" if text and not text.endswith("\n") else "") + ("" if text else "# Benchmarks\n\n") + block
 
 
 def per_slice_ms(function, n_slices: int, repeats: int) -> float:
@@ -133,10 +126,7 @@ def main() -> int:
     ])
     print(body)
     if args.write:
-        path = REPO / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else ""
-        path.write_text(replace_section(text, body))
-        print(f"\nwrote the {SECTION} section of {path}")
+        write_section(SECTION, body)
     return 0
 
 
