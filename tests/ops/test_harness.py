@@ -45,6 +45,7 @@ def _check_common(report: dict[str, Any]) -> None:
     bad = phases["bad_input"]
     assert bad["node_answers_echo"] and bad["stored_of_acknowledged"] == bad["acknowledged"]
     assert bad["by_source"]["pydicom-malformed"].get("0x0000", 0) == 0  # no malformed file is acknowledged
+    assert "0xC211" not in bad["statuses"]  # pynetdicom's "the handler raised": every refusal is the gate's own
     # the load and kill cases (CT + their SEG) were assembled: every one is ready with a queued job
     assert totals["cases_by_state"].get("ready", 0) >= 2
 
