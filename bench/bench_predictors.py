@@ -114,7 +114,7 @@ def main() -> int:
         f"{resnet.config.crop_size} crops, 62 layers), on {n} lesion slices of a SYNTHETIC phantom "
         f"(`PhantomConfig(patients={args.patients}, seed=123)`). Median over {args.repeats} passes after a warm-up.",
         "",
-        f"Command (from the repository root): `.venv/bin/python bench/bench_predictors.py --write`.",
+        "Command (from the repository root): `.venv/bin/python bench/bench_predictors.py --write`.",
         "",
         f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Python "
         f"{platform.python_version()}, torch {torch.__version__}; shared with other jobs (1-minute load average "

@@ -8,11 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
-from pydicom.uid import generate_uid
 
 from tests.support import (
-    CT_IMAGE_STORAGE,
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     PYDICOM_TEST_FILES,

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import ssl
 import subprocess
-import threading
 from pathlib import Path
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from tests.support import (
     DCMQI_LIVER,

@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import pydicom
 
 from tests.support import PYDICOM_TEST_FILES, dataset_bytes_without_meta, echoscu, send_raw_c_store, storescu, write_synthetic_case
 

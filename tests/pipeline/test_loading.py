@@ -12,7 +12,7 @@ from qcgate.pipeline.loading import JobFailure, load_ct_series, load_seg_member
 from qcgate.pipeline.results import Verdict, slice_verdict
 from qcgate.pipeline.worker import ensemble_agreement, series_verdict
 from qcgate.config import PipelineSettings
-from tests.support import DCMQI_LIVER, GANTRY_TILT_CT, HIGHDICOM_FILES, write_seg_for_real_ct, write_synthetic_case
+from tests.support import DCMQI_LIVER, GANTRY_TILT_CT, HIGHDICOM_FILES, write_synthetic_case
 
 
 def test_gantry_tilted_ct_is_sorted_along_its_slice_normal() -> None:
