@@ -52,6 +52,19 @@ class AuditFilters:
     limit: int | None = None
 
 
+def _apply_verdict_and_time(query: Any, filters: "AuditFilters", verdict_column: Any, time_column: Any) -> Any:
+    """Narrow ``query`` by the filters' verdict, [since, until) time range and row limit."""
+    if filters.verdict:
+        query = query.where(verdict_column == filters.verdict)
+    if filters.since:
+        query = query.where(time_column >= filters.since)
+    if filters.until:
+        query = query.where(time_column < filters.until)
+    if filters.limit:
+        query = query.limit(filters.limit)
+    return query
+
+
 def _iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
@@ -126,14 +139,7 @@ def list_cases(session: Session, state: str | None = None, limit: int | None = N
         .where(*_case_conditions(filters))
         .order_by(Case.id)
     )
-    if filters.verdict:
-        query = query.where(Case.series_verdict == filters.verdict)
-    if filters.since:
-        query = query.where(Case.created_at >= filters.since)
-    if filters.until:
-        query = query.where(Case.created_at < filters.until)
-    if filters.limit:
-        query = query.limit(filters.limit)
+    query = _apply_verdict_and_time(query, filters, Case.series_verdict, Case.created_at)
     found = session.execute(query).all()
     sources = _seg_sources(session, [case.id for case, *_ in found])
     rows = []
@@ -177,14 +183,7 @@ def list_slices(session: Session, filters: AuditFilters) -> list[dict[str, Any]]
         .where(*_case_conditions(filters))
         .order_by(result.case_id, result.slice_index)
     )
-    if filters.verdict:
-        query = query.where(result.verdict == filters.verdict)
-    if filters.since:
-        query = query.where(result.created_at >= filters.since)
-    if filters.until:
-        query = query.where(result.created_at < filters.until)
-    if filters.limit:
-        query = query.limit(filters.limit)
+    query = _apply_verdict_and_time(query, filters, result.verdict, result.created_at)
     rows = []
     for row in session.execute(query):
         rows.append({
