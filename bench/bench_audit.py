@@ -46,11 +46,10 @@ from qcgate.store.models import (  # noqa: E402
     Output,
     SliceResultRecord,
 )
+from qcgate.core.dicom import COMPREHENSIVE_3D_SR_STORAGE as COMPREHENSIVE_3D_SR  # noqa: E402
+from qcgate.core.dicom import CT_IMAGE_STORAGE, SEGMENTATION_STORAGE  # noqa: E402
 from qcgate.store.queries import AuditFilters, case_detail, case_id_for_series, list_cases, list_deliveries, list_slices  # noqa: E402
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SYNTHETIC_VENDORS = [f"SYNTHETIC vendor {n}" for n in range(1, 9)]
 SYNTHETIC_ALGORITHMS = [f"SynthSeg{n}" for n in range(1, 6)]
 CALLING_AES = ["AIROUTER", "PACS1", "PACS2", "MODALITY1", "RESEARCH"]

@@ -23,7 +23,7 @@ import qcgate.node.ingest as ingest  # noqa: E402
 import qcgate.node.spool as spool  # noqa: E402
 from bench.bench_ingest import write_series  # noqa: E402
 from qcgate.config import load_settings  # noqa: E402
-from qcgate.node.service import GateService  # noqa: E402
+from qcgate.service import GateService  # noqa: E402
 from tests.support import dcmtk_env, free_port  # noqa: E402
 
 SECONDS: dict[str, float] = collections.defaultdict(float)

@@ -1,8 +1,9 @@
 """The `qcgate` command line.
 
-Each area of the package owns its sub-commands in a ``commands.py`` module with a
+Each area has its sub-commands in one module of ``qcgate.commands`` with a
 ``register(subparsers)`` function; this module only collects them, so adding a
-command never means editing someone else's code.
+command never means editing someone else's code. Command modules import their
+heavy dependencies inside the handlers, so ``qcgate --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -18,24 +19,13 @@ from qcgate.errors import QcgateError
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
-    "qcgate.node.commands",
-    "qcgate.store.commands",
-    "qcgate.science.commands",
-    "qcgate.pipeline.commands",
-    "qcgate.predictors.commands",
-    "qcgate.demo",
+    "qcgate.commands.node",
+    "qcgate.commands.store",
+    "qcgate.commands.science",
+    "qcgate.commands.pipeline",
+    "qcgate.commands.predictors",
+    "qcgate.commands.demo",
 )
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1, with a message that names the bad value."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qcgate.core.layout import DataLayout
 from qcgate.errors import ConfigError
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, ≤16 chars
@@ -83,8 +84,12 @@ class StorageSettings(_Section):
     retention_free_mb: float = Field(default=0.0, ge=0, description="below this free space, retention also deletes the oldest finished, delivered cases; 0: off")
 
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
+
+    @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        return self.layout.spool
 
 
 class DatabaseSettings(_Section):
@@ -208,7 +213,7 @@ class Settings(_Section):
         """The SQLAlchemy URL: the configured one, or SQLite (WAL) under the data dir."""
         if self.database.url:
             return self.database.url
-        return f"sqlite:///{(self.storage.data_dir / 'qcgate.db').resolve()}"
+        return f"sqlite:///{self.storage.layout.sqlite_database.resolve()}"
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

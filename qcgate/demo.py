@@ -7,7 +7,6 @@ C-STORE, waits for the verdicts, and checks that the QC SEG and SR reached the P
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import time
@@ -66,9 +65,20 @@ def _send(files: list[Path], port: int) -> None:
 
 
 def run_demo(out: Path, *, seed: int, model: str, timeout: float) -> int:
-    from qcgate.node.service import GateService
-    from qcgate.phantom.generator import PhantomConfig, generate_cohort, write_cohort_dicom
-    from qcgate.store.models import Case, CaseState, Delivery, DeliveryState, Output, SliceResultRecord
+    from qcgate.phantom.generator import (
+        PhantomConfig,
+        generate_cohort,
+        write_cohort_dicom,
+    )
+    from qcgate.service import GateService
+    from qcgate.store.models import (
+        Case,
+        CaseState,
+        Delivery,
+        DeliveryState,
+        Output,
+        SliceResultRecord,
+    )
 
     if out.exists():
         if not (out / MARKER).exists():
@@ -131,18 +141,3 @@ def run_demo(out: Path, *, seed: int, model: str, timeout: float) -> int:
     finally:
         service.stop()
         pacs.shutdown()
-
-
-def _demo(args: argparse.Namespace) -> int:
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
-    return run_demo(args.out.resolve(), seed=args.seed, model=args.model, timeout=args.timeout)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="run the whole gate on a SYNTHETIC case on loopback")
-    demo.add_argument("--out", type=Path, default=Path("var/demo"), help="demo working directory (recreated)")
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--model", default="phantom-full", help="threshold model (default: the synthetic demo model)")
-    demo.add_argument("--timeout", type=float, default=600.0)
-    demo.set_defaults(handler=_demo)

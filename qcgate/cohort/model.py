@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qcgate.errors import InputError
-from qcgate.science.targets import slice_dsc_lesion
+from qcgate.core.agreement import slice_dsc_lesion
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Case:
         return {reader: mask[index] for reader, mask in self.reader_masks.items()}
 
     def dsc_lesion(self, index: int) -> float | None:
-        """DSC Lesion of slice ``index`` (see qcgate.science.targets for the conventions)."""
+        """DSC Lesion of slice ``index`` (see qcgate.core.agreement for the conventions)."""
         return slice_dsc_lesion(self.slice_masks(index), self.reference_reader)
 
     def lesion_slices(self) -> list[int]:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
-CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
-ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
-SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
-CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
+from qcgate.core.dicom import CT_IMAGE_STORAGE, CT_SOP_CLASSES, SEGMENTATION_STORAGE, InstanceHeader
 
 
 class HeaderError(Exception):
@@ -21,28 +16,6 @@ class HeaderError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The identifying attributes of a received instance."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-    transfer_syntax_uid: str
-    # SEG only
-    referenced_series_uids: tuple[str, ...] = ()
-    referenced_sop_instance_uids: frozenset[str] = field(default_factory=frozenset)
-    manufacturer: str | None = None
-    algorithm_name: str | None = None
-    algorithm_version: str | None = None
-
-    @property
-    def is_segmentation(self) -> bool:
-        return self.sop_class_uid == SEGMENTATION_STORAGE
 
 
 def _required_uid(dataset: Dataset, keyword: str) -> str:

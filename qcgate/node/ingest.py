@@ -18,9 +18,10 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from qcgate.node.dicom_header import HeaderError, InstanceHeader, read_header
+from qcgate.core.dicom import InstanceHeader
+from qcgate.node.dicom_header import HeaderError, read_header
 from qcgate.node.spool import Spool, sha256_of_file
-from qcgate.pipeline.assembler import case_series_for, get_or_create_case_id, touch_case
+from qcgate.store.cases import case_series_for, get_or_create_case_id, touch_case
 from qcgate.store.models import Instance, RefusedInstance, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.ingest")

@@ -1,11 +1,6 @@
 """The spool: instances on disk exactly as received, written durably, named safely.
 
-Layout under ``data_dir``::
-
-    spool/<study>/<series>/<sop>.dcm     accepted instances
-    spool/.incoming/                      partial receives (same filesystem, so rename is atomic)
-    quarantine/<stamp>-<id>.dcm + .json   refused payloads with the reason
-    conflicts/<stamp>-<id>.dcm + .json    conflicting re-sends, set aside
+The folders are named in ``qcgate.core.layout.DataLayout``.
 
 UIDs come from the network, so they are never trusted as path components: a UID that is not a
 valid DICOM UID (digits and dots, at most 64 characters) is replaced by a hash of itself.
@@ -22,6 +17,8 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import BinaryIO
+
+from qcgate.core.layout import DataLayout
 
 _VALID_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _COPY_CHUNK = 1 << 20
@@ -60,10 +57,11 @@ class Spool:
 
     def __init__(self, data_dir: Path, *, fsync: bool = True) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.root = self.data_dir / "spool"
-        self.incoming = self.root / ".incoming"
-        self.quarantine_dir = self.data_dir / "quarantine"
-        self.conflicts_dir = self.data_dir / "conflicts"
+        layout = DataLayout(self.data_dir)
+        self.root = layout.spool
+        self.incoming = layout.incoming
+        self.quarantine_dir = layout.quarantine
+        self.conflicts_dir = layout.conflicts
         self.fsync = fsync
         for directory in (self.root, self.incoming, self.quarantine_dir, self.conflicts_dir):
             directory.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
-"""The assembler: which case an instance belongs to, and when a case is ready.
+"""The assembler: when a case is ready.
 
 A case is one CT series plus the SEG instances that reference it. It is *ready* when it has at
 least one SEG, every CT instance its SEGs reference is present, and nothing new has arrived for
 ``stable_seconds``. A case still missing referenced CT instances (or still without a SEG)
 ``incomplete_timeout_seconds`` after its last instance is marked *incomplete* with the reason.
 A ready case gets a pending row in the jobs table. All state is in the database, so a restart
-simply resumes.
+simply resumes. Which case an instance joins is decided at ingest (``qcgate.store.cases``); the
+assembler only reads what the node recorded.
 """
 
 from __future__ import annotations
@@ -14,63 +15,14 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy import case as sql_case
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.config import AssemblySettings
-from qcgate.node.dicom_header import SEGMENTATION_STORAGE, InstanceHeader
+from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.store.models import Case, CaseState, Instance, Job, JobState, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.assembler")
-
-
-def case_series_for(session: Session, header: InstanceHeader) -> str | None:
-    """The CT series UID whose case this instance joins.
-
-    CT: its own series. SEG: the first referenced series; when the SEG names none, the series of a
-    referenced CT instance already received.
-    """
-    if not header.is_segmentation:
-        return header.series_instance_uid
-    if header.referenced_series_uids:
-        return header.referenced_series_uids[0]
-    sop_uids = sorted(header.referenced_sop_instance_uids)[:500]
-    if not sop_uids:
-        return None
-    return session.scalar(
-        select(Instance.series_instance_uid).where(Instance.sop_instance_uid.in_(sop_uids)).limit(1)
-    )
-
-
-def get_or_create_case_id(session: Session, study_uid: str, ct_series_uid: str) -> int:
-    """The id of the case for ``ct_series_uid``, created if new (safe against a concurrent creator)."""
-    case_id = session.scalar(select(Case.id).where(Case.ct_series_uid == ct_series_uid))
-    if case_id is not None:
-        return int(case_id)
-    try:
-        with session.begin_nested():
-            case_id = session.execute(
-                insert(Case).values(study_instance_uid=study_uid, ct_series_uid=ct_series_uid,
-                                    state=CaseState.COLLECTING.value, created_at=utcnow(), last_instance_at=utcnow())
-                .returning(Case.id)
-            ).scalar_one()
-    except IntegrityError:
-        case_id = session.scalars(select(Case.id).where(Case.ct_series_uid == ct_series_uid)).one()
-    return int(case_id)
-
-
-def touch_case(session: Session, case_id: int, now: dt.datetime) -> None:
-    """Restart a case's quiet timer; a late instance reopens an incomplete case."""
-    incomplete = Case.state == CaseState.INCOMPLETE.value
-    session.execute(
-        update(Case).where(Case.id == case_id).values(
-            last_instance_at=now,
-            state=sql_case((incomplete, CaseState.COLLECTING.value), else_=Case.state),
-            reason=sql_case((incomplete, None), else_=Case.reason),
-        )
-    )
 
 
 def missing_references(session: Session, case_id: int) -> tuple[int, int, int]:

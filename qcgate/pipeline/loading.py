@@ -16,7 +16,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array as decode_pixels
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+from qcgate.core.dicom import CT_IMAGE_STORAGE
+
 LESION_PROPERTY_CODES = {"52988006", "49755003", "4147007"}  # SCT lesion, morphologically abnormal structure, mass
 POSITION_TOLERANCE_MM = 0.05
 

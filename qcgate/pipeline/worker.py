@@ -23,9 +23,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qcgate.config import PipelineSettings, Settings
-from qcgate.node.dicom_header import SEGMENTATION_STORAGE
+from qcgate.core.agreement import dice, ensemble_agreement
+from qcgate.core.layout import DataLayout
+from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, load_ct_series, load_seg_member
-from qcgate.pipeline.results import CaseResult, SliceResult, Verdict, slice_verdict
+from qcgate.core.results import CaseResult, SliceResult, Verdict, slice_verdict
 from qcgate.store.database import create_db_engine, make_session_factory
 from qcgate.store.models import (
     Case,
@@ -53,22 +55,6 @@ class StageTimer:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._start, 4)
         self._start = now
-
-
-def ensemble_agreement(member_masks: list[np.ndarray], consensus: np.ndarray) -> float:
-    """q = (1/M) Σ_m DSC(B_m, C): mean Dice of each member's binary mask B_m (p_m ≥ 0.5) against the
-    consensus C (mean probability ≥ 0.5), on one slice. DSC of two empty masks is 1."""
-    scores = []
-    for mask in member_masks:
-        total = int(mask.sum()) + int(consensus.sum())
-        scores.append(1.0 if total == 0 else 2.0 * int(np.logical_and(mask, consensus).sum()) / total)
-    return float(np.mean(scores))
-
-
-def dice_score(a: np.ndarray, b: np.ndarray) -> float:
-    """DSC(A, B) = 2|A ∩ B| / (|A| + |B|); 1 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def series_verdict(verdicts: list[Verdict], settings: PipelineSettings) -> tuple[Verdict, str]:
@@ -148,7 +134,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     slices: list[SliceResult] = []
     for position, k in enumerate(lesion_slices):
         if q_source == "reference":
-            q: float | None = dice_score(consensus[k], references[0].probability[k] >= 0.5)
+            q: float | None = dice(consensus[k], references[0].probability[k] >= 0.5)
         elif q_source == "ensemble-agreement":
             q = ensemble_agreement([m.probability[k] >= 0.5 for m in ensemble], consensus[k])
         else:
@@ -296,7 +282,8 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
                 return {"job_id": job_id, "state": "not-owner"}
             case_id = job.case_id
             rows = session.execute(select(Instance.sop_class_uid, Instance.spool_path).where(Instance.case_id == case_id)).all()
-        spool = data_dir / "spool"
+        layout = DataLayout(data_dir)
+        spool = layout.spool
         ct_paths = [spool / path for sop_class, path in rows if sop_class != str(SEGMENTATION_STORAGE)]
         seg_paths = [spool / path for sop_class, path in rows if sop_class == str(SEGMENTATION_STORAGE)]
         ct = load_ct_series(ct_paths)
@@ -308,7 +295,7 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
         model = load_threshold_model(settings.pipeline.model)
         timer.lap("load_model")
         result = judge_case(ct, members, settings.pipeline, model, timer)
-        outputs = write_outputs(result, data_dir / "outputs" / f"case-{case_id}", settings.pipeline, ct.hu, timer)
+        outputs = write_outputs(result, layout.case_outputs(case_id), settings.pipeline, ct.hu, timer)
         with session_factory() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
             case = session.get(Case, case_id)

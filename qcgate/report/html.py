@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qcgate.pipeline.results import CaseResult, SliceResult, Verdict
+from qcgate.core.results import CaseResult, SliceResult, Verdict
 
 _COLOURS = {Verdict.ACCEPT: "#2e7d32", Verdict.REVIEW: "#f9a825", Verdict.REJECT: "#c62828"}
 _MAX_THUMBNAILS = 120

@@ -3,7 +3,7 @@
 Pipeline
 --------
 1. Every lesion slice of the cohort (a slice where at least one reader drew) with a defined DSC Lesion
-   becomes one row: patient, case, slice, DSC Lesion (qcgate.science.targets), and the feature groups
+   becomes one row: patient, case, slice, DSC Lesion (qcgate.core.agreement), and the feature groups
    of qcgate.features computed from the *feature mask* (the reference reader's mask; the first
    non-empty reader's mask without reader identity; or the AI ensemble mask with ``feature_mask="ai"``).
    Extraction runs in a process pool over cases.
@@ -471,7 +471,7 @@ class AnalysisResult:
 def individual_reader_scores(cohort: Cohort, table: FeatureTable) -> dict[str, np.ndarray]:
     """Each non-reference reader's Dice against the reference on the analysed slices (Fig. 2's
     "individually"); pairs where both are empty are left out, as in DSC Lesion. Empty without identity."""
-    from qcgate.science.targets import dice
+    from qcgate.core.agreement import dice
 
     by_id = {case.case_id: case for case in cohort.cases}
     scores: dict[str, list[float]] = {}

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, exists, func, select
 from sqlalchemy.orm import Session
 
-from qcgate.node.dicom_header import SEGMENTATION_STORAGE
+from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.store.models import (
     AssociationRecord,
     Case,

@@ -150,8 +150,7 @@ def _spool_free_mb(settings: Settings) -> float:
 def _purge_side_files(settings: Settings, cutoff: dt.datetime, dry_run: bool) -> int:
     """quarantine/ and conflicts/ files (payload + JSON reason) older than the cutoff."""
     count = 0
-    for folder in ("quarantine", "conflicts"):
-        directory = settings.storage.data_dir / folder
+    for directory in settings.storage.layout.side_folders:
         if not directory.is_dir():
             continue
         for path in directory.iterdir():
@@ -170,7 +169,7 @@ def run_retention(settings: Settings, session_factory: sessionmaker[Session], *,
     measure = free_mb or (lambda: _spool_free_mb(settings))
     storage = settings.storage
     report = RetentionReport(dry_run=dry_run, free_mb_before=measure())
-    roots = [storage.spool_dir, storage.data_dir / "outputs"]
+    roots = [storage.layout.spool, storage.layout.outputs]
     simulated_freed_mb = 0.0  # dry run: what would have been freed, to simulate the watermark
 
     def remove(case_id: int, bucket: list[int]) -> bool:

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from qcgate.pipeline.results import Verdict
+from qcgate.core.results import Verdict
 
 #: Private coding scheme designator ("99" prefix: a local scheme, PS3.16 section 8.2).
 PRIVATE_SCHEME = "99QCGATE"

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from qcgate import __version__
 from qcgate.errors import InputError
-from qcgate.pipeline.results import CaseResult
+from qcgate.core.results import CaseResult
 from qcgate.writers import codes as qc_codes
 from qcgate.writers.common import is_synthetic_source, source_headers_for_derivation
 

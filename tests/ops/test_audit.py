@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bench.bench_audit import fill_synthetic_audit_db
-from qcgate.store.commands import parse_when
+from qcgate.commands.store import parse_when
 from qcgate.store.database import create_db_engine, upgrade_database
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from qcgate.cohort import load_cohort
 from qcgate.phantom.generator import PhantomConfig, generate_cohort, write_phantom
-from qcgate.science.targets import dice
+from qcgate.core.agreement import dice
 
 SMALL = PhantomConfig(patients=8, seed=11, slices_min=3, slices_max=4)
 

@@ -9,8 +9,9 @@ import pydicom
 import pytest
 
 from qcgate.pipeline.loading import JobFailure, load_ct_series, load_seg_member
-from qcgate.pipeline.results import Verdict, slice_verdict
-from qcgate.pipeline.worker import ensemble_agreement, series_verdict
+from qcgate.core.results import Verdict, slice_verdict
+from qcgate.core.agreement import ensemble_agreement
+from qcgate.pipeline.worker import series_verdict
 from qcgate.config import PipelineSettings
 from tests.support import DCMQI_LIVER, GANTRY_TILT_CT, HIGHDICOM_FILES, write_synthetic_case
 

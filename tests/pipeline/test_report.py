@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from qcgate.pipeline.results import CaseResult, SliceResult, Verdict
+from qcgate.core.results import CaseResult, SliceResult, Verdict
 from qcgate.report.html import _png_bytes, write_case_report
 
 

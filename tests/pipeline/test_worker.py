@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 
 from qcgate.config import PipelineSettings
 from qcgate.pipeline.loading import CtSeries, SegMember
-from qcgate.pipeline.results import Verdict
+from qcgate.core.results import Verdict
 from qcgate.pipeline.worker import StageTimer, judge_case, load_threshold_model
 
 

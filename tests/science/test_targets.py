@@ -10,7 +10,7 @@ import pytest
 
 from qcgate.cohort import load_lidc
 from qcgate.errors import InputError
-from qcgate.science.targets import dice, dsc_lesion_vs_reference, mean_pairwise_dice, slice_dsc_lesion
+from qcgate.core.agreement import dice, dsc_lesion_vs_reference, mean_pairwise_dice, slice_dsc_lesion
 
 LIDC_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "lidc"
 

@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from qcgate.phantom.dicom_export import write_ct_series
-from qcgate.pipeline.results import CaseResult, SliceResult, Verdict, slice_verdict
+from qcgate.core.results import CaseResult, SliceResult, Verdict, slice_verdict
 from tests.support import DCMQI_LIVER, synthetic_ct_volume
 
 MARGIN = 0.05

@@ -6,7 +6,7 @@ import re
 
 from pydicom.sr.coding import Code
 
-from qcgate.pipeline.results import Verdict
+from qcgate.core.results import Verdict
 from qcgate.writers import codes as qc_codes
 from tests.support import REPO
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from qcgate.errors import InputError
-from qcgate.pipeline.results import Verdict
+from qcgate.core.results import Verdict
 from qcgate.writers.seg import VERDICT_SEGMENT_STYLES, NoLesionError, has_lesion_pixels, write_qc_seg
 from qcgate.writers.validate import dciodvfy_errors
 from tests.support import DCMQI_LIVER

@@ -8,7 +8,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from qcgate.pipeline.results import Verdict
+from qcgate.core.results import Verdict
 from qcgate.writers import codes as qc_codes
 from qcgate.writers.seg import write_qc_seg
 from qcgate.writers.sr import read_qc_sr, write_qc_sr

@@ -7,7 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
-from qcgate.cli import positive_int
+from qcgate.commands.common import positive_int
 from qcgate.errors import InputError
 
 
@@ -128,7 +128,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from qcgate.cohort import load_cohort
-    from qcgate.predictors.evaluation import cross_validated_table3, text_summary, trained_model_table3, write_outputs
+    from qcgate.predictors.evaluation import (
+        cross_validated_table3,
+        text_summary,
+        trained_model_table3,
+        write_outputs,
+    )
 
     _limit_threads()
     cohort = load_cohort(args.cohort, max_patients=args.max_patients)

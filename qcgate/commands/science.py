@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from qcgate.cli import positive_int
+from qcgate.commands.common import positive_int
 from qcgate.errors import InputError
 
 

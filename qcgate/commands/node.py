@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from qcgate.config import Settings, load_settings
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config and --data-dir/--db-url, shared by every command that opens the database."""
-    parser.add_argument("--config", type=Path, help="TOML settings file (see deploy/qcgate.example.toml)")
-    parser.add_argument("--data-dir", type=Path, help="spool, quarantine and the embedded database live here")
-    parser.add_argument("--db-url", help="SQLAlchemy URL of the audit database (default: SQLite in the data dir)")
-
-
-def settings_from_args(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
-    """Settings from --config, with command-line flags (``sections``) overriding the file."""
-    data_dir = args.data_dir.resolve() if getattr(args, "data_dir", None) else None
-    return load_settings(args.config, {
-        "storage": {"data_dir": data_dir},
-        "database": {"url": getattr(args, "db_url", None)},
-        **sections,
-    })
+from qcgate.commands.common import add_settings_arguments, settings_from_args
+from qcgate.config import load_settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     from qcgate.logs import configure_logging
-    from qcgate.node.service import GateService
+    from qcgate.service import GateService
 
     settings = settings_from_args(
         args,

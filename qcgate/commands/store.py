@@ -11,22 +11,15 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sqlalchemy.orm import Session
-
+from qcgate.commands.common import add_settings_arguments, settings_from_args
 from qcgate.errors import QcgateError
-from qcgate.node.commands import add_settings_arguments, settings_from_args
-from qcgate.store.database import create_db_engine, is_current, make_session_factory, upgrade_database
-from qcgate.store.queries import (
-    AuditFilters,
-    case_detail,
-    case_id_for_series,
-    list_cases,
-    list_deliveries,
-    list_slices,
-    vendor_summary,
-)
+
+if TYPE_CHECKING:  # imported in the handlers, so that `qcgate --help` does not load SQLAlchemy
+    from sqlalchemy.orm import Session
+
+    from qcgate.store.queries import AuditFilters
 
 _FORMATS = ["table", "json", "csv"]
 _RELATIVE = re.compile(r"^(?P<count>\d+)(?P<unit>[mhdw])$")
@@ -34,9 +27,11 @@ _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
+    from qcgate.store import database
+
     settings = settings_from_args(args)
-    engine = create_db_engine(settings.database_url)
-    upgrade_database(engine, args.revision)
+    engine = database.create_db_engine(settings.database_url)
+    database.upgrade_database(engine, args.revision)
     print(f"database at {engine.url.render_as_string(hide_password=True)} is at revision {args.revision}")
     return 0
 
@@ -94,18 +89,22 @@ def _export_columns(rows: list[dict[str, Any]], table_columns: list[str], output
 
 @contextlib.contextmanager
 def _open_audit_session(args: argparse.Namespace) -> Iterator[Session]:
+    from qcgate.store import database
+
     settings = settings_from_args(args)
-    engine = create_db_engine(settings.database_url, must_exist=True)
+    engine = database.create_db_engine(settings.database_url, must_exist=True)
     try:
-        if not is_current(engine):
+        if not database.is_current(engine):
             raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}: run `qcgate db upgrade` or `qcgate serve` first")
-        with make_session_factory(engine)() as session:
+        with database.make_session_factory(engine)() as session:
             yield session
     finally:
         engine.dispose()
 
 
 def _filters(args: argparse.Namespace) -> AuditFilters:
+    from qcgate.store.queries import AuditFilters
+
     return AuditFilters(
         state=getattr(args, "state", None), verdict=args.verdict, since=args.since, until=args.until,
         calling_ae=args.calling_ae, vendor=args.vendor, algorithm=args.algorithm,
@@ -114,8 +113,10 @@ def _filters(args: argparse.Namespace) -> AuditFilters:
 
 
 def _audit_cases(args: argparse.Namespace) -> int:
+    from qcgate.store import queries
+
     with _open_audit_session(args) as session:
-        rows = list_cases(session, filters=_filters(args))
+        rows = queries.list_cases(session, filters=_filters(args))
     columns = ["case_id", "state", "series_verdict", "ct_series_uid", "ct_instances", "seg_instances", "job_state", "last_instance_at", "vendors", "reason"]
     with _output(args) as out:
         print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
@@ -123,8 +124,10 @@ def _audit_cases(args: argparse.Namespace) -> int:
 
 
 def _audit_slices(args: argparse.Namespace) -> int:
+    from qcgate.store import queries
+
     with _open_audit_session(args) as session:
-        rows = list_slices(session, _filters(args))
+        rows = queries.list_slices(session, _filters(args))
     columns = ["case_id", "slice_index", "tau", "q", "margin", "verdict", "lesion_area_mm2", "series_verdict", "ct_series_uid"]
     with _output(args) as out:
         print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
@@ -132,8 +135,10 @@ def _audit_slices(args: argparse.Namespace) -> int:
 
 
 def _audit_vendors(args: argparse.Namespace) -> int:
+    from qcgate.store import queries
+
     with _open_audit_session(args) as session:
-        rows = vendor_summary(session, _filters(args))
+        rows = queries.vendor_summary(session, _filters(args))
     columns = ["vendor", "algorithm", "algorithm_version", "cases", "accept", "review", "reject", "failed", "not_processed", "reject_rate"]
     with _output(args) as out:
         print_rows(rows, columns, args.format, out)
@@ -141,11 +146,13 @@ def _audit_vendors(args: argparse.Namespace) -> int:
 
 
 def _audit_case(args: argparse.Namespace) -> int:
+    from qcgate.store import queries
+
     if (args.case_id is None) == (args.series is None):
         raise QcgateError("give a case id or --series UID (one of them)")
     with _open_audit_session(args) as session:
-        case_id = args.case_id if args.case_id is not None else case_id_for_series(session, args.series)
-        detail = case_detail(session, case_id) if case_id is not None else None
+        case_id = args.case_id if args.case_id is not None else queries.case_id_for_series(session, args.series)
+        detail = queries.case_detail(session, case_id) if case_id is not None else None
     if detail is None:
         raise QcgateError(f"no case with id {args.case_id}" if args.case_id is not None else f"no case for CT series {args.series}")
     with _output(args) as out:
@@ -176,8 +183,10 @@ def _audit_case(args: argparse.Namespace) -> int:
 
 
 def _audit_deliveries(args: argparse.Namespace) -> int:
+    from qcgate.store import queries
+
     with _open_audit_session(args) as session:
-        rows = list_deliveries(session, state=args.state, series_uid=args.series, kind=args.kind,
+        rows = queries.list_deliveries(session, state=args.state, series_uid=args.series, kind=args.kind,
                                sop_instance_uid=args.sop_instance_uid, limit=args.limit)
     columns = ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "last_error", "delivered_at"]
     with _output(args) as out:
@@ -186,14 +195,15 @@ def _audit_deliveries(args: argparse.Namespace) -> int:
 
 
 def _retention_run(args: argparse.Namespace) -> int:
+    from qcgate.store import database
     from qcgate.store.retention import run_retention
 
     settings = settings_from_args(args)
-    engine = create_db_engine(settings.database_url, must_exist=True)
+    engine = database.create_db_engine(settings.database_url, must_exist=True)
     try:
-        if not is_current(engine):
+        if not database.is_current(engine):
             raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}")
-        report = run_retention(settings, make_session_factory(engine), dry_run=args.dry_run)
+        report = run_retention(settings, database.make_session_factory(engine), dry_run=args.dry_run)
     finally:
         engine.dispose()
     if args.format == "json":

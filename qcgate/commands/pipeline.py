@@ -8,13 +8,17 @@ import argparse
 import signal
 import threading
 
-from qcgate.node.commands import add_settings_arguments, settings_from_args
+from qcgate.commands.common import add_settings_arguments, settings_from_args
 
 
 def _worker(args: argparse.Namespace) -> int:
     from qcgate.logs import configure_logging
     from qcgate.pipeline.dispatcher import Dispatcher
-    from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
+    from qcgate.store.database import (
+        create_db_engine,
+        make_session_factory,
+        upgrade_database,
+    )
 
     settings = settings_from_args(args, pipeline={"workers": args.workers, "model": args.model})
     configure_logging(settings.logging)

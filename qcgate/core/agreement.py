@@ -1,4 +1,6 @@
-"""Targets: Dice and the per-slice experts' agreement "DSC Lesion".
+"""Agreement between masks: Dice, the experts' per-slice agreement "DSC Lesion", and ensemble agreement.
+
+The one place Dice is written; the science (targets), the cohort and the QC worker all use it.
 
 Empty-mask conventions (one place, used by every caller)
 --------------------------------------------------------
@@ -111,3 +113,9 @@ def slice_dsc_lesion(
         )
     others = [mask for reader, mask in reader_masks.items() if reader != reference_reader]
     return dsc_lesion_vs_reference(reader_masks[reference_reader], others)
+
+
+def ensemble_agreement(member_masks: Sequence[np.ndarray], consensus: np.ndarray) -> float:
+    """q_agreement = (1/M) Σ_m DSC(B_m, C): mean Dice of each member's binary mask B_m (p_m ≥ 0.5)
+    against the consensus C (mean probability ≥ 0.5), on one slice. DSC of two empty masks is 1."""
+    return float(np.mean([dice(mask, consensus) for mask in member_masks]))
