@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from qcgate.config import Settings
 from qcgate.delivery.outbox import Outbox
-from qcgate.node import systemd
+from qcgate import systemd
 from qcgate.node.ingest import Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
