@@ -174,8 +174,8 @@ def build_table3(*, cohort_name: str, synthetic: bool, setting: str, truth: np.n
 # --------------------------------------------------------------------------------------------------
 
 
-class Progress:
-    """"label: step/total elapsed" lines on stderr (long runs show they are alive)."""
+class EvaluationProgress:
+    """"[elapsed s] message" lines on stderr for ``qcgate train``/``evaluate`` (long runs show they are alive)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -355,7 +355,7 @@ def text_summary(result: Table3) -> str:
     return head + "\n" + markdown_table(result)
 
 
-def write_outputs(result: Table3, out: Path, *, command: str = "") -> dict[str, Path]:
+def write_evaluation_outputs(result: Table3, out: Path, *, command: str = "") -> dict[str, Path]:
     """table3.csv, table3.md, table3.html, table3.json, predictions.csv, predicted_vs_true.png,
     error_distributions.png under ``out``."""
     out = Path(out)
