@@ -67,7 +67,7 @@ def main() -> int:
     from qcgate.predictors.dataset import table_slice_inputs
     from qcgate.predictors.ensemble import runtime_features
     from qcgate.predictors.resnet import lesion_crop
-    from qcgate.science.analysis import extract_feature_table
+    from qcgate.science.feature_table import extract_feature_table
 
     model = load_named_model(args.model)
     cohort = generate_cohort(PhantomConfig(patients=args.patients, seed=123), workers=1)  # SYNTHETIC

@@ -6,9 +6,13 @@ import argparse
 import json
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qcgate.commands.common import positive_int
 from qcgate.errors import InputError
+
+if TYPE_CHECKING:
+    from qcgate.predictors.evaluation import EvaluationProgress
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -102,10 +106,10 @@ def _folds(args: argparse.Namespace) -> int | None:
     return None if args.folds == 0 else args.folds
 
 
-def _progress(args: argparse.Namespace):
-    from qcgate.predictors.evaluation import Progress
+def _progress(args: argparse.Namespace) -> EvaluationProgress:
+    from qcgate.predictors.evaluation import EvaluationProgress
 
-    return Progress(enabled=not args.quiet and getattr(args, "format", "text") != "json")
+    return EvaluationProgress(enabled=not args.quiet and getattr(args, "format", "text") != "json")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -132,7 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cross_validated_table3,
         text_summary,
         trained_model_table3,
-        write_outputs,
+        write_evaluation_outputs,
     )
 
     _limit_threads()
@@ -156,7 +160,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                         calibrate=not args.no_calibration, repeats=args.repeats, seed=args.seed,
                                         simulation_mean=args.sim_mean, simulation_sd=args.sim_sd, progress=progress)
     if args.out is not None:
-        write_outputs(table3, args.out, command=_command_line(args))
+        write_evaluation_outputs(table3, args.out, command=_command_line(args))
     if args.format == "json":
         print(json.dumps(table3.to_dict(), indent=1))
     else:

@@ -1,5 +1,5 @@
 """Training rows from a cohort: one row per lesion slice with a defined DSC Lesion, with its features
-(``qcgate.science.analysis.extract_feature_table``) and, for the ResNet, its lesion-centred crop.
+(``qcgate.science.feature_table.extract_feature_table``) and, for the ResNet, its lesion-centred crop.
 
 Feature mask: the paper's deployment setting describes the *AI* segmentation, so a cohort with AI
 members uses the AI ensemble mask (mean probability ≥ 0.5) for features and crops; a cohort without
@@ -21,7 +21,7 @@ from qcgate.predictors import SliceInput
 
 @dataclass
 class SliceRows:
-    """Rows aligned with ``table`` (a ``qcgate.science.analysis.FeatureTable``)."""
+    """Rows aligned with ``table`` (a ``qcgate.science.feature_table.FeatureTable``)."""
 
     table: object  # FeatureTable
     feature_mask: str
@@ -114,7 +114,7 @@ def build_rows(cohort: Cohort, *, feature_mask: str = "auto", groups: Sequence[s
                progress: bool = False) -> SliceRows:
     """Features (every group the cohort allows, or ``groups``) and optionally crops of every row."""
     from qcgate.predictors.resnet import lesion_crop
-    from qcgate.science.analysis import extract_feature_table, fit_position_map
+    from qcgate.science.feature_table import extract_feature_table, fit_position_map
 
     feature_mask = resolve_feature_mask(cohort, feature_mask)
     has_um = feature_mask == "ai" and cohort_has_uncertainty(cohort)

@@ -4,7 +4,7 @@ Methods (rows): "Global thresholding" (tau = the training folds' mean DSC Lesion
 "Ridge w. UM", "ResNet w/o UM", "ResNet w. UM", "Ensemble w. UM" = (Ridge w. UM + ResNet w. UM) / 2,
 and "Ensemble w/o UM" = (Ridge w/o UM + ResNet w/o UM) / 2 (what a model answers without a UM). Rows the cohort cannot support
 (no CT: no image ResNet; no AI ensemble: no UM) are left out. Every model is fitted on the training
-folds only; patients never straddle folds (``qcgate.science.analysis.grouped_folds``).
+folds only; patients never straddle folds (``qcgate.science.ridge_cv.grouped_folds``).
 
 Error metrics (fractions of Dice; tables print percent)
 -------------------------------------------------------
@@ -174,8 +174,8 @@ def build_table3(*, cohort_name: str, synthetic: bool, setting: str, truth: np.n
 # --------------------------------------------------------------------------------------------------
 
 
-class Progress:
-    """"label: step/total elapsed" lines on stderr (long runs show they are alive)."""
+class EvaluationProgress:
+    """"[elapsed s] message" lines on stderr for ``qcgate train``/``evaluate`` (long runs show they are alive)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -212,7 +212,7 @@ def cross_validate(rows, *, kind: str = "ensemble", n_folds: int | None = 5, res
                    calibrate: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Out-of-fold predictions of every available method (see the module docstring)."""
     from qcgate.predictors.ridge import fit_ridge
-    from qcgate.science.analysis import grouped_folds
+    from qcgate.science.ridge_cv import grouped_folds
 
     say = progress or (lambda message: None)
     y = rows.targets
@@ -249,7 +249,7 @@ def cross_validated_table3(rows, *, kind: str = "ensemble", n_folds: int | None 
                            calibrate: bool = True, repeats: int = 20, seed: int = 0,
                            simulation_mean: float | None = None, simulation_sd: float | None = None,
                            progress: Callable[[str], None] | None = None) -> Table3:
-    from qcgate.science.analysis import grouped_folds
+    from qcgate.science.ridge_cv import grouped_folds
 
     predictions = cross_validate(rows, kind=kind, n_folds=n_folds, resnet_config=resnet_config,
                                  calibrate=calibrate, progress=progress)
@@ -355,7 +355,7 @@ def text_summary(result: Table3) -> str:
     return head + "\n" + markdown_table(result)
 
 
-def write_outputs(result: Table3, out: Path, *, command: str = "") -> dict[str, Path]:
+def write_evaluation_outputs(result: Table3, out: Path, *, command: str = "") -> dict[str, Path]:
     """table3.csv, table3.md, table3.html, table3.json, predictions.csv, predicted_vs_true.png,
     error_distributions.png under ``out``."""
     out = Path(out)

@@ -4,7 +4,7 @@ Model
 -----
 z = (slog(x) − μ) / σ,  slog(x) = sign(x)·log(1 + |x|)  (tames heavy-tailed areas and energies),
 score(x) = b + wᵀz with (w, b) = argmin Σ (y − b − wᵀz)² + α‖w‖²,
-α chosen from ``qcgate.science.analysis.RIDGE_ALPHAS`` by an inner patient-grouped CV (the same
+α chosen from ``qcgate.science.ridge_cv.RIDGE_ALPHAS`` by an inner patient-grouped CV (the same
 procedure as ``qcgate analyze``), then
 
 ŷ(x) = clip(g(score(x)), 0, 1),
@@ -150,13 +150,13 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, patients: np.ndarray, feature_names:
     The standardisation and Ridge are scikit-learn's (the pipeline of ``qcgate analyze``); the fitted
     numbers are copied out so that the stored model is plain JSON.
     """
-    from qcgate.science.analysis import _fit_ridge_grouped
+    from qcgate.science.ridge_cv import fit_ridge_grouped
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != (len(y), len(feature_names)):
         raise ValueError(f"features {x.shape} do not match {len(y)} targets × {len(feature_names)} names")
-    pipeline = _fit_ridge_grouped(x, y, np.asarray(patients), inner_splits)
+    pipeline = fit_ridge_grouped(x, y, np.asarray(patients), inner_splits)
     scaler, ridge = pipeline[1], pipeline[-1]
     model = RidgeModel(
         feature_names=tuple(feature_names), mean=np.asarray(scaler.mean_, dtype=np.float64),

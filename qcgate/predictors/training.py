@@ -14,7 +14,7 @@ from qcgate.errors import InputError
 from qcgate.predictors.artifacts import FORMAT_NAME, FORMAT_VERSION, write_manifest
 from qcgate.predictors.evaluation import (
     ENSEMBLE, ENSEMBLE_UM, RESNET, RESNET_UM, RIDGE, RIDGE_UM, Table3, cross_validated_table3, markdown_table,
-    resnet_channels, write_outputs,
+    resnet_channels, write_evaluation_outputs,
 )
 
 KINDS = ("ridge", "resnet", "ensemble")
@@ -75,7 +75,7 @@ def train_model(cohort: Cohort, kind: str, out: Path, *, name: str | None = None
                                      "channels": list(channels), "final_training_l1": net.training_log[-1]}
     if rows.position_map is not None:
         rows.position_map.save(staging / "position_map.json")
-    write_outputs(table3, staging / "evaluation", command=command)
+    write_evaluation_outputs(table3, staging / "evaluation", command=command)
     shutil.move(str(staging / "evaluation" / "table3.csv"), staging / "table3.csv")
     shutil.rmtree(staging / "evaluation")
 

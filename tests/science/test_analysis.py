@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 
 from qcgate.cli import main
-from qcgate.science.analysis import (
-    FeatureTable,
-    analyze_table,
-    grouped_folds,
-    pearson_r,
-    summarise_errors,
-)
+from qcgate.science.analysis import analyze_table
+from qcgate.science.feature_table import FeatureTable
+from qcgate.science.ridge_cv import grouped_folds
+from qcgate.science.statistics import pearson_r, summarise_errors
 
 LIDC_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "lidc"
 
@@ -101,7 +98,7 @@ def test_analyze_lidc_prints_geometry_row_and_beats_global_mean(tmp_path: Path, 
 
 def test_individual_reader_scores_follow_the_reference() -> None:
     from qcgate.cohort import Case, Cohort
-    from qcgate.science.analysis import individual_reader_scores
+    from qcgate.science.statistics import individual_reader_scores
 
     masks = {r: np.zeros((2, 6, 6), bool) for r in ("R1A", "R1B", "R2")}
     masks["R1A"][0, :2, :2] = True
@@ -118,7 +115,7 @@ def test_individual_reader_scores_follow_the_reference() -> None:
 def test_every_group_on_a_small_phantom_with_the_ai_mask(tmp_path: Path) -> None:
     """Image groups and UM metrics come out finite and named per group; the AI mask drives features."""
     from qcgate.phantom.generator import PhantomConfig, generate_cohort
-    from qcgate.science.analysis import extract_feature_table
+    from qcgate.science.feature_table import extract_feature_table
 
     cohort = generate_cohort(PhantomConfig(patients=3, seed=4, slices_min=2, slices_max=2), workers=1)
     reference = extract_feature_table(cohort, workers=1, progress=False)
@@ -140,7 +137,7 @@ def test_every_group_on_a_small_phantom_with_the_ai_mask(tmp_path: Path) -> None
 
 def test_groups_are_those_every_case_provides(caplog: pytest.LogCaptureFixture) -> None:
     from qcgate.phantom.generator import PhantomConfig, generate_cohort
-    from qcgate.science.analysis import extract_feature_table
+    from qcgate.science.feature_table import extract_feature_table
 
     cohort = generate_cohort(PhantomConfig(patients=2, seed=9, slices_min=1, slices_max=1), workers=1)
     cohort.cases[1].image_hu = None  # this case has masks only
