@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qcgate.core.dicom import AE_MAX_LENGTH
 from qcgate.core.layout import DataLayout
 from qcgate.errors import ConfigError
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, ≤16 chars
+_AE_TITLE = re.compile(rf"^[\x20-\x5b\x5d-\x7e]{{1,{AE_MAX_LENGTH}}}$")  # DICOM AE VR: no backslash, ≤16 chars
 
 
 class _Section(BaseModel):
@@ -26,7 +27,7 @@ class _Section(BaseModel):
 def _check_ae_title(value: str) -> str:
     stripped = value.strip()
     if not stripped or not _AE_TITLE.match(value):
-        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+        raise ValueError(f"{value!r} is not a valid AE title (1-{AE_MAX_LENGTH} printable characters, no backslash)")
     return stripped
 
 
@@ -134,7 +135,7 @@ class PipelineSettings(_Section):
         return value
 
 
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+_DESTINATION = re.compile(rf"^(?P<ae>[^@]{{1,{AE_MAX_LENGTH}}})@(?P<host>[^:@]+):(?P<port>\d{{1,5}})$")
 
 
 class Destination(BaseModel):
