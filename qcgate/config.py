@@ -61,7 +61,8 @@ class NodeSettings(_Section):
     max_associations: int = Field(default=16, ge=1, le=1024)
     max_pdu_bytes: int = Field(default=4_194_304, ge=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
-    accept_enhanced_ct: bool = True
+    # Off by default: the QC worker does not process Enhanced (multi-frame) CT yet; such jobs would fail.
+    accept_enhanced_ct: bool = False
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
