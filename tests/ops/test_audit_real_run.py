@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 
 from tests.support import dcmtk_env, free_port, storescu, write_synthetic_case
+
+pytestmark = pytest.mark.slow  # slow tier: a real storescu -> qcgate serve -> storescp run
 
 
 def _json(gate: Any, *args: str) -> Any:

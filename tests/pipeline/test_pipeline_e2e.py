@@ -20,6 +20,8 @@ from tests.support import (
     write_phantom_case,
 )
 
+pytestmark = pytest.mark.slow  # slow tier: storescu -> qcgate serve -> QC job -> storescp, kill -9
+
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
