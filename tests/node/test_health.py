@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test drives a `qcgate serve` process
+
 from qcgate.config import load_settings
 from qcgate.store.database import create_db_engine, make_session_factory
 from qcgate.store.models import Case, Delivery, DeliveryAttempt, Job, Output, utcnow
