@@ -183,6 +183,9 @@ class ObservabilitySettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535, description="0: any free port")
+    failed_jobs_unhealthy: int = Field(default=5, ge=1, description="/healthz fails when this many of the latest jobs all failed")
+    dead_letters_unhealthy: int = Field(default=10, ge=1, description="/healthz fails when this many deliveries died within dead_letter_window_hours")
+    dead_letter_window_hours: float = Field(default=24.0, gt=0, description="how far back dead letters count for /healthz")
 
 
 class LoggingSettings(_Section):
