@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -283,8 +284,10 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # When it (last) joined the queue: creation, or a re-queue by `qcgate deliveries retry`; the
-    # dead-letter age (delivery.dead_letter_after_hours) counts from here. Migration 0004.
-    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # dead-letter age (delivery.dead_letter_after_hours) counts from here. Migration 0004; the
+    # server default serves inserts that name only the older columns (bulk loads).
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                   server_default=text("CURRENT_TIMESTAMP"))
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),

@@ -42,7 +42,8 @@ def upgrade() -> None:
     op.execute("UPDATE deliveries SET queued_at = (SELECT outputs.created_at FROM outputs WHERE outputs.id = deliveries.output_id)")
     op.execute("UPDATE deliveries SET queued_at = CURRENT_TIMESTAMP WHERE queued_at IS NULL")
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.alter_column('queued_at', existing_type=sa.DateTime(timezone=True), nullable=False)
+        batch_op.alter_column('queued_at', existing_type=sa.DateTime(timezone=True), nullable=False,
+                              server_default=sa.text('CURRENT_TIMESTAMP'))
         batch_op.create_index('ix_deliveries_destination_state', ['destination', 'state', 'id'], unique=False)
 
 
