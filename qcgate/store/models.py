@@ -314,6 +314,12 @@ class DeliveryAttempt(Base):
 Index("ix_deliveries_destination_state", Delivery.destination, Delivery.state, Delivery.id)
 
 
+ACTION_USER_LENGTH = 128  # who: a login or a name
+ACTION_NAME_LENGTH = 64  # what: e.g. delivery.retry
+ACTION_OBJECT_TYPE_LENGTH = 32  # to what kind of row: e.g. delivery
+ACTION_OBJECT_ID_LENGTH = 64  # its id, or a UID
+
+
 class Action(Base):
     """Something a person did (re-queue a dead letter, ...): who, when, to what, and why.
 
@@ -325,10 +331,10 @@ class Action(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    user: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(64))  # e.g. delivery.retry
-    object_type: Mapped[str | None] = mapped_column(String(32))  # e.g. delivery
-    object_id: Mapped[str | None] = mapped_column(String(64))
+    user: Mapped[str] = mapped_column(String(ACTION_USER_LENGTH))
+    action: Mapped[str] = mapped_column(String(ACTION_NAME_LENGTH))
+    object_type: Mapped[str | None] = mapped_column(String(ACTION_OBJECT_TYPE_LENGTH))
+    object_id: Mapped[str | None] = mapped_column(String(ACTION_OBJECT_ID_LENGTH))
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[str | None] = mapped_column(Text)  # JSON object
 
