@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -302,6 +303,11 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When it (last) joined the queue: creation, or a re-queue by `qcgate deliveries retry`; the
+    # dead-letter age (delivery.dead_letter_after_hours) counts from here. Migration 0004; the
+    # server default serves inserts that name only the older columns (bulk loads).
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                   server_default=text("CURRENT_TIMESTAMP"))
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),
@@ -322,3 +328,37 @@ class DeliveryAttempt(Base):
     message: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_delivery_attempts_delivery", "delivery_id"),)
+
+
+# The outbox per destination, oldest first (migration 0004).
+Index("ix_deliveries_destination_state", Delivery.destination, Delivery.state, Delivery.id)
+
+
+ACTION_USER_LENGTH = 128  # who: a login or a name
+ACTION_NAME_LENGTH = 64  # what: e.g. delivery.retry
+ACTION_OBJECT_TYPE_LENGTH = 32  # to what kind of row: e.g. delivery
+ACTION_OBJECT_ID_LENGTH = 64  # its id, or a UID
+
+
+class Action(Base):
+    """Something a person did (re-queue a dead letter, ...): who, when, to what, and why.
+
+    Written with :func:`qcgate.store.actions.record_action` in the same transaction as the change
+    itself; read with `qcgate audit actions`. Migration 0004.
+    """
+
+    __tablename__ = "actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(ACTION_USER_LENGTH))
+    action: Mapped[str] = mapped_column(String(ACTION_NAME_LENGTH))
+    object_type: Mapped[str | None] = mapped_column(String(ACTION_OBJECT_TYPE_LENGTH))
+    object_id: Mapped[str | None] = mapped_column(String(ACTION_OBJECT_ID_LENGTH))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[str | None] = mapped_column(Text)  # JSON object
+
+    __table_args__ = (
+        Index("ix_actions_at", "at"),
+        Index("ix_actions_user_at", "user", "at"),
+    )
