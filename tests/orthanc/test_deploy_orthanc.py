@@ -84,6 +84,31 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, server: 
         time.sleep(0.5)
 
 
+class HttpTimer:
+    """What README.md asks for on a quiet Orthanc 1.10 (no OnHeartBeat): GET /system every second."""
+
+    def __init__(self, server: OrthancServer) -> None:
+        import threading
+
+        self.server, self.stopped = server, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(1.0):
+            try:
+                self.server.get("/system")
+            except OSError:
+                pass  # Orthanc restarting
+
+    def __enter__(self) -> "HttpTimer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+
 def routing_log(server: OrthancServer) -> list[str]:
     return [line.split("qcgate routing: ", 1)[1] for line in server.log_text().splitlines() if "qcgate routing: " in line]
 
@@ -157,10 +182,13 @@ def test_the_deploy_config_starts_alone_with_least_privilege(make_orthanc: Any, 
     for aet in ("CT01", "AISEG", "QCGATE"):
         assert echoscu(server.dicom_port, calling=aet, called="ORTHANC").returncode == 0, aet
     assert echoscu(server.dicom_port, calling="STRANGER", called="ORTHANC").returncode != 0
-    find = subprocess.run(["findscu", "-S", "-aet", "CT01", "-aec", "ORTHANC", "-k", "QueryRetrieveLevel=STUDY",
-                           "-k", "StudyInstanceUID", "127.0.0.1", str(server.dicom_port)],
-                          capture_output=True, text=True, timeout=30, env=dcmtk_env())
-    assert find.returncode != 0 or "Refused" in find.stderr + find.stdout or "Failed" in find.stderr + find.stdout
+    # Orthanc answers a C-FIND / C-MOVE the peer may not make by aborting the association.
+    for tool, extra in (("findscu", []), ("movescu", ["-aem", "CT01"])):
+        for aet in ("CT01", "AISEG", "QCGATE"):
+            query = subprocess.run([tool, "-S", "-aet", aet, "-aec", "ORTHANC", *extra, "-k", "QueryRetrieveLevel=STUDY",
+                                    "-k", "StudyInstanceUID=1.2.3", "127.0.0.1", str(server.dicom_port)],
+                                   capture_output=True, text=True, timeout=30, env=dcmtk_env())
+            assert "Peer aborted Association" in query.stderr, (tool, aet, query.stderr)
     # An unknown AE cannot store either.
     ct_files, _ = write_phantom_case(tmp_path / "stranger")
     storescu(server.dicom_port, ct_files[:1], calling="STRANGER", called="ORTHANC")
@@ -205,16 +233,45 @@ def test_with_the_gate_down_the_case_is_delivered_once_it_is_back(make_orthanc: 
     orthanc_port = free_port()
     gate = gate_for(make_gate, f"ORTHANC@127.0.0.1:{orthanc_port}", start=False)
     server = make_orthanc(deploy_config(gate.port, ai_service.port, dicom_port=orthanc_port))
-    ct_files, members = send_case(server, tmp_path)
-    # Each of the 3 series fails at least twice, with backoff, and the failure is recorded.
-    wait_until(lambda: sum("failed (attempt 2)" in line for line in routing_log(server)) >= 3, 60,
-               "two failed attempts per series", server)
-    ct_series = server.post("/tools/lookup", str(read_dataset(ct_files[0]).SeriesInstanceUID))[0]["ID"]
-    assert server.get(f"/series/{ct_series}/metadata/QcgateGateRouting").startswith("retrying ")
-    # The pending sends survive an Orthanc restart (state file).
-    server.restart()
-    gate.start()
-    assert_routed_once_and_no_loop(server, gate, ct_files, members)
+    with HttpTimer(server):
+        ct_files, members = send_case(server, tmp_path)
+        # Each of the 3 series fails at least twice, with backoff, and the failure is recorded.
+        wait_until(lambda: sum("failed (attempt 2)" in line for line in routing_log(server)) >= 3, 60,
+                   "two failed attempts per series", server)
+        ct_series = server.post("/tools/lookup", str(read_dataset(ct_files[0]).SeriesInstanceUID))[0]["ID"]
+        assert server.get(f"/series/{ct_series}/metadata/QcgateGateRouting").startswith("retrying ")
+        # The pending sends survive an Orthanc restart (state file).
+        server.restart()
+        gate.start()
+        assert_routed_once_and_no_loop(server, gate, ct_files, members)
     assert server.get(f"/series/{ct_series}/metadata/QcgateGateRouting").startswith("sent ")
     state = (server.directory / "qcgate-routing.state").read_text()
     assert state.strip() == "", state
+
+
+def test_beside_debians_stock_files_orthanc_refuses_so_it_gets_its_own_directory(tmp_path: Path) -> None:
+    """README.md: run the example as its own directory (/etc/qcgate-orthanc/), not inside /etc/orthanc/."""
+    from tests.orthanc_support import ORTHANC_BINARY, require_orthanc
+
+    require_orthanc()
+    stock = Path("/etc/orthanc")
+    if not (stock / "orthanc.json").exists():
+        pytest.skip("no Debian stock configuration in /etc/orthanc")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(stock, mixed, ignore=shutil.ignore_patterns("credentials.json"))
+    shutil.copy(DEPLOY_ORTHANC / "orthanc.json", mixed / "qcgate-orthanc.json")
+    result = subprocess.run([str(ORTHANC_BINARY), str(mixed)], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "is defined in 2 different configuration files" in result.stdout + result.stderr
+
+
+def test_without_orthanc_the_tests_skip_unless_it_is_required(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import tests.orthanc_support as support
+
+    monkeypatch.setattr(support, "ORTHANC_BINARY", tmp_path / "no-such-Orthanc")
+    monkeypatch.delenv("QCGATE_REQUIRE_ORTHANC", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Orthanc not installed"):
+        support.require_orthanc()
+    monkeypatch.setenv("QCGATE_REQUIRE_ORTHANC", "1")
+    with pytest.raises(pytest.fail.Exception, match="QCGATE_REQUIRE_ORTHANC=1"):
+        support.require_orthanc()
