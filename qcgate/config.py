@@ -160,9 +160,15 @@ class DeliverySettings(_Section):
     """Where the SEG and SR go, and how hard to try."""
 
     destinations: list[str] = Field(default_factory=list, description="AE@HOST:PORT entries")
-    max_attempts: int = Field(default=8, ge=1)
+    dead_letter_after_hours: float = Field(
+        default=72.0, gt=0,
+        description="a delivery that keeps failing transiently becomes a dead letter only once it has waited this long")
+    max_attempts: int | None = Field(
+        default=None, ge=1,
+        description="deprecated and ignored (a config that sets it still loads): transient failures are retried "
+                    "until dead_letter_after_hours; the outbox logs a warning when it is set")
     backoff_base_seconds: float = Field(default=5.0, gt=0)
-    backoff_max_seconds: float = Field(default=900.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0, description="the cap on the delay between two tries")
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
 

@@ -282,6 +282,9 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When it (last) joined the queue: creation, or a re-queue by `qcgate deliveries retry`; the
+    # dead-letter age (delivery.dead_letter_after_hours) counts from here. Migration 0004.
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),
@@ -302,3 +305,31 @@ class DeliveryAttempt(Base):
     message: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_delivery_attempts_delivery", "delivery_id"),)
+
+
+# The outbox per destination, oldest first (migration 0004).
+Index("ix_deliveries_destination_state", Delivery.destination, Delivery.state, Delivery.id)
+
+
+class Action(Base):
+    """Something a person did (re-queue a dead letter, ...): who, when, to what, and why.
+
+    Written with :func:`qcgate.store.actions.record_action` in the same transaction as the change
+    itself; read with `qcgate audit actions`. Migration 0004.
+    """
+
+    __tablename__ = "actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))  # e.g. delivery.retry
+    object_type: Mapped[str | None] = mapped_column(String(32))  # e.g. delivery
+    object_id: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[str | None] = mapped_column(Text)  # JSON object
+
+    __table_args__ = (
+        Index("ix_actions_at", "at"),
+        Index("ix_actions_user_at", "user", "at"),
+    )
