@@ -64,8 +64,7 @@ class Console:
 
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], *,
                  health: Callable[[], dict[str, bool]] | None = None,
-                 details: Callable[[], dict[str, Any]] | None = None,
-                 resend: Callable[..., Any] | None = None) -> None:
+                 details: Callable[[], dict[str, Any]] | None = None) -> None:
         from jinja2 import Environment, FileSystemLoader, select_autoescape
 
         self.settings = settings
@@ -80,7 +79,6 @@ class Console:
                                      trim_blocks=True, lstrip_blocks=True)
         self.templates.filters["fmt"] = _fmt
         self.templates.filters["when"] = _when
-        self._resend = resend
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -450,13 +448,13 @@ class Console:
     # --- people's actions shared by pages and API -------------------------------------------
 
     def _resend_delivery(self, db: Session, delivery_id: int, principal: Principal, reason: str) -> None:
-        """A dead letter back to pending, attempts kept: the outbox makes a new attempt now."""
+        """A dead letter back to pending, attempts kept: the outbox makes a new attempt now (audited)."""
+        from qcgate.delivery.requeue import RequeueError, requeue_dead_letters
+
         reason = (reason or "").strip() or f"re-sent from the console by {principal.name}"
-        if self._resend is None:
-            raise ActionRefused("re-sending is not available in this build", 501)
-        try:
-            self._resend(db, user=principal.name, reason=reason, delivery_id=delivery_id)
-        except ValueError as exc:  # the outbox's RequeueError
+        try:  # the same code as `qcgate deliveries retry --id N`: one actions row, delivery.retry
+            requeue_dead_letters(db, user=principal.name, reason=reason, delivery_id=delivery_id)
+        except RequeueError as exc:
             raise ActionRefused(str(exc), 404 if "no delivery" in str(exc) else 409) from None
 
     # --- API --------------------------------------------------------------------------------
@@ -553,11 +551,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], *, ex
     from starlette.middleware import Middleware
     from starlette.responses import HTMLResponse, PlainTextResponse
 
-    try:
-        from qcgate.delivery.requeue import requeue_dead_letters as resend
-    except ImportError:  # the outbox's re-queue has not landed in this build
-        resend = None
-    console = Console(settings, session_factory, health=health, details=details, resend=resend)
+    console = Console(settings, session_factory, health=health, details=details)
 
     async def http_error(request: Any, exc: Exception) -> Any:
         status = getattr(exc, "status_code", 500)
