@@ -283,7 +283,8 @@ class Console:
         except OSError:
             disk = None
         return self._render(request, principal, "dashboard.html", page_title="Dashboard", summary=summary, checks=checks,
-                            details=details, disk=disk, min_free_mb=self.settings.storage.min_free_mb)
+                            healthy=checks is not None and all(checks.values()), details=details, disk=disk,
+                            min_free_mb=self.settings.storage.min_free_mb)
 
     def _filters(self, request: Any) -> tuple[dict[str, str], queries.AuditFilters, list[str]]:
         params = {key: request.query_params.get(key, "").strip() for key in FILTER_KEYS}

@@ -231,7 +231,8 @@ def trends(session: Session, dimension: str, since: dt.datetime) -> dict[str, An
                          "review": cell["review"], "reject": cell["reject"],
                          "review_rate": round(cell["review"] / cell["cases"], 4),
                          "reject_rate": round(cell["reject"] / cell["cases"], 4)})
-    return {"dimension": dimension, "weeks": [w.isoformat() for w in weeks], "rows": rows}
+    return {"dimension": dimension, "weeks": [w.isoformat() for w in weeks], "rows": rows,
+            "since": week_start(since).isoformat(), "until": (dt.date.today() + dt.timedelta(days=7)).isoformat()}
 
 
 def trend_png(data: dict[str, Any]) -> bytes:
@@ -250,15 +251,23 @@ def trend_png(data: dict[str, Any]) -> bytes:
         weeks = [dt.date.fromisoformat(r["week"]) for r in rows]
         axes[0].plot(weeks, [100 * r["reject_rate"] for r in rows], marker="o", label=group)
         axes[1].plot(weeks, [100 * r["review_rate"] for r in rows], marker="o", label=group)
+    import matplotlib.dates as mdates
+
+    first = dt.date.fromisoformat(data["since"]) if data.get("since") else None
+    last = dt.date.fromisoformat(data["until"]) if data.get("until") else None
     for ax, title in zip(axes, ("reject rate per week (%)", "review rate per week (%)")):
         ax.set_title(title, fontsize=10)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
+        if first and last:  # the requested window, not matplotlib's guess around one point
+            ax.set_xlim(first, last)
+        locator = mdates.AutoDateLocator(minticks=3, maxticks=10)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     if groups:
         axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=DIMENSIONS[data["dimension"]], title_fontsize=8)
     else:
         axes[0].text(0.5, 0.5, "no judged cases in this period", ha="center", va="center", transform=axes[0].transAxes)
-    figure.autofmt_xdate()
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -1,7 +1,7 @@
 """The console's defences: security headers on every response, a login rate limit, CSRF checks.
 
 - Headers: CSP ``default-src 'self'`` (no script at all: the console has no JavaScript), no framing,
-  ``nosniff``, no referrer, ``no-store`` caching, and HSTS when served over TLS.
+  ``nosniff``, the referrer only to this origin, ``no-store`` caching, and HSTS when served over TLS.
 - Login rate limit: at most N failed sign-ins per minute per user name and per client address
   (``http.login_attempts_per_minute``); while either is over, even the right password is refused
   (429), so guessing cannot continue at one try per success.
@@ -39,7 +39,7 @@ class SecurityHeaders:
         self.headers = [
             (b"x-frame-options", b"DENY"),
             (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"no-referrer"),
+            (b"referrer-policy", b"same-origin"),  # not no-referrer: Chromium would then send "Origin: null" on our own forms
             (b"cross-origin-opener-policy", b"same-origin"),
             (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
         ]

@@ -109,3 +109,17 @@ def console(tmp_path: Path) -> Iterator[ConsoleFixture]:
     with TestClient(create_app(settings, factory), base_url="http://127.0.0.1") as client:
         yield ConsoleFixture(client, factory, settings, tokens)
     engine.dispose()
+
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = Path("/tmp/qcgate-screenshots")
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args() -> dict[str, Any]:
+    """pytest-playwright launches Debian's chromium by its path (Playwright cannot download its own here)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    return {"executable_path": CHROMIUM, "headless": True,
+            "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                     "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]}

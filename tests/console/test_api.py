@@ -118,7 +118,7 @@ def test_cookies_and_security_headers(console: ConsoleFixture) -> None:
     headers = page.headers
     assert headers["content-security-policy"].startswith("default-src 'self'")
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
-    assert headers["referrer-policy"] == "no-referrer" and headers["cache-control"] == "no-store"
+    assert headers["referrer-policy"] == "same-origin" and headers["cache-control"] == "no-store"
     assert "<script" not in page.text and "cdn" not in page.text.lower()
 
 

@@ -49,3 +49,15 @@ def test_metrics_and_health_keep_their_content_types(console: ConsoleFixture) ->
     assert health.headers["content-type"] == "application/json"
     assert health.text == '{"healthy": true, "checks": {"database": true}, "details": {"latest_jobs_failed": 0}}'
     assert client.get("/metricsx").status_code == 404
+
+
+def test_the_dashboard_shows_the_health_checks(console: ConsoleFixture) -> None:
+    from qcgate.console.app import create_app
+    from tests.console.conftest import make_test_client_class
+
+    app = create_app(console.settings, console.session_factory, health=lambda: {"database": True, "model": False},
+                     details=lambda: {})
+    client = make_test_client_class()(app, base_url="http://127.0.0.1")
+    ConsoleFixture(client, console.session_factory, console.settings, {}).login("viewer")
+    page = client.get("/")
+    assert page.status_code == 200 and "unhealthy" in page.text and "failing" in page.text
