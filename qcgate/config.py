@@ -184,7 +184,8 @@ class DeliverySettings(_Section):
 
 
 class ObservabilitySettings(_Section):
-    """The HTTP endpoint for Prometheus (/metrics) and health checks (/healthz)."""
+    """What /metrics and /healthz report. ``enabled``, ``host`` and ``port`` are the old names of the
+    HTTP server's settings, still honoured where ``[http]`` leaves them unset (see ``HttpSettings``)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -192,6 +193,34 @@ class ObservabilitySettings(_Section):
     failed_jobs_unhealthy: int = Field(default=5, ge=1, description="/healthz fails when this many of the latest jobs all failed")
     dead_letters_unhealthy: int = Field(default=10, ge=1, description="/healthz fails when this many deliveries died within dead_letter_window_hours")
     dead_letter_window_hours: float = Field(default=24.0, gt=0, description="how far back dead letters count for /healthz")
+
+
+class HttpSettings(_Section):
+    """The one HTTP server of `qcgate serve`: the web console, /api, /metrics and /healthz.
+
+    ``enabled``, ``host`` and ``port`` left unset fall back to ``observability.enabled``, ``.host``
+    and ``.port`` (their names before the console existed), so an older settings file keeps its port.
+    """
+
+    enabled: bool | None = Field(default=None, description="default observability.enabled (true)")
+    host: str | None = Field(default=None, description="default observability.host (127.0.0.1: loopback only)")
+    port: int | None = Field(default=None, ge=0, le=65535, description="default observability.port (9464); 0: any free port")
+    tls_cert_file: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM)")
+    tls_key_file: Path | None = None
+    secure_cookies: bool = Field(default=False, description="mark cookies Secure without TLS here (behind a TLS proxy)")
+    session_hours: float = Field(default=12.0, gt=0, description="a console login lasts this long")
+    login_attempts_per_minute: int = Field(default=5, ge=1, description="failed logins allowed per user name and per address")
+    page_size: int = Field(default=50, ge=1, le=1000, description="rows per page in the console's lists")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "HttpSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("http.tls_cert_file and http.tls_key_file go together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class LoggingSettings(_Section):
@@ -217,7 +246,20 @@ class Settings(_Section):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @property
+    def http_enabled(self) -> bool:
+        """Whether `qcgate serve` runs the HTTP server: http.enabled, else observability.enabled."""
+        return self.http.enabled if self.http.enabled is not None else self.observability.enabled
+
+    @property
+    def http_bind(self) -> tuple[str, int]:
+        """(host, port) of the HTTP server: http.host/port, else observability.host/port."""
+        host = self.http.host if self.http.host is not None else self.observability.host
+        port = self.http.port if self.http.port is not None else self.observability.port
+        return host, port
 
     @property
     def database_url(self) -> str:
@@ -243,6 +285,11 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     storage = raw.get("storage")
     if isinstance(storage, dict) and isinstance(storage.get("data_dir"), str):
         storage["data_dir"] = str((base / storage["data_dir"]).resolve())
+    http = raw.get("http")
+    if isinstance(http, dict):
+        for key in ("tls_cert_file", "tls_key_file"):
+            if isinstance(http.get(key), str):
+                http[key] = str((base / http[key]).resolve())
     tls = raw.get("node", {}).get("tls") if isinstance(raw.get("node"), dict) else None
     if isinstance(tls, dict):
         for key in ("cert_file", "key_file", "ca_file"):

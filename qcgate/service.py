@@ -16,7 +16,8 @@ from qcgate.node.ingest import Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
 from qcgate.observability.health import latest_job_health, recent_dead_letters
-from qcgate.observability.http import ObservabilityServer
+from qcgate.console.app import create_app
+from qcgate.observability.http import HttpServer, observability_routes
 from qcgate.observability.metrics import MetricsRegistry, render
 from qcgate.pipeline.assembler import AssemblerThread
 from qcgate.pipeline.dispatcher import Dispatcher
@@ -48,12 +49,17 @@ class GateService:
             LOG.info("threshold model %s verified", verify_configured_model(settings))
         self.outbox = Outbox(settings.delivery, self.session_factory, self.spool.data_dir, settings.node.ae_title)
         self._stopped = threading.Event()
-        observability = settings.observability
-        self.http = ObservabilityServer(
-            observability.host, observability.port,
-            metrics=lambda: render(self.metrics, self.session_factory, self.is_alive),
-            health=self.health_checks, details=self.health_details,
-        ) if observability.enabled else None
+        self.http = self._http_server() if settings.http_enabled else None
+
+    def _http_server(self) -> HttpServer:
+        """One HTTP server on http.host:port: the web console, /api, /metrics and /healthz."""
+        host, port = self.settings.http_bind
+        observability = observability_routes(lambda: render(self.metrics, self.session_factory, self.is_alive),
+                                             self.health_checks, self.health_details)
+        app = create_app(self.settings, self.session_factory, extra_routes=observability,
+                         health=self.health_checks, details=self.health_details)
+        http = self.settings.http
+        return HttpServer(host, port, app, cert_file=http.tls_cert_file, key_file=http.tls_key_file)
 
     def start(self) -> None:
         leftovers = self.spool.purge_incoming()
