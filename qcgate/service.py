@@ -10,8 +10,8 @@ from sqlalchemy import text
 
 from qcgate.config import Settings
 from qcgate.delivery.outbox import Outbox
-from qcgate.node import systemd
-from qcgate.node.ingest import Ingestor
+from qcgate.node import pynetdicom_adapter, systemd
+from qcgate.node.ingest import DISK_REFUSAL_WINDOW_SECONDS, Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
 from qcgate.observability.http import ObservabilityServer
@@ -28,6 +28,9 @@ class GateService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Process wiring, once: received data sets stream to files that the node places in its
+        # spool per association (pynetdicom's chunked receive is a process-wide switch).
+        pynetdicom_adapter.install()
         self.engine = create_db_engine(settings.database_url)
         upgrade_database(self.engine)
         self.session_factory = make_session_factory(self.engine)
@@ -78,6 +81,10 @@ class GateService:
             LOG.error("health: spool not writable: %s", exc)
             checks["spool_writable"] = False
         checks["disk_above_watermark"] = not self.ingestor.disk_is_low()
+        recent = self.ingestor.recent_disk_refusals()
+        if recent:
+            LOG.warning("health: %d instance(s) refused for disk space in the last %.0f s", recent, DISK_REFUSAL_WINDOW_SECONDS)
+        checks["no_recent_disk_refusals"] = recent == 0
         checks["assembler"] = self.assembler.is_alive()
         checks["workers"] = self.dispatcher is None or self.dispatcher.is_alive()
         checks["delivery"] = all(worker.is_alive() for worker in self.outbox.workers)
@@ -85,9 +92,11 @@ class GateService:
 
     def is_alive(self) -> bool:
         """Liveness for the watchdog: every check but the disk watermark passes. A full disk is
-        reported by /healthz and refused with A700, but restarting the process would not free space."""
+        reported by /healthz (as are recent disk refusals) and refused with A700, but restarting the
+        process would not free space."""
         checks = self.health_checks()
         checks.pop("disk_above_watermark")
+        checks.pop("no_recent_disk_refusals")
         return all(checks.values())
 
     def run_forever(self) -> None:
