@@ -185,9 +185,13 @@ def _check_dataset_encoding(stream: BinaryIO, start: int, syntax: str) -> None:
     little = ts.is_little_endian
     group_as_sent = struct.unpack("<H" if little else ">H", raw[:2])[0]
     group_swapped = struct.unpack(">H" if little else "<H", raw[:2])[0]
-    if group_as_sent & 0xFF00 and not group_swapped & 0xFF00:
-        order = "little" if little else "big"
-        raise HeaderError(R.ENCODING_MISMATCH, f"the data set is not {order} endian as the negotiated transfer syntax {syntax} says")
+    # Every image has group 0008 elements (SOP Class UID is (0008,0016)), so the first element's
+    # group is at most 0008.
+    if group_as_sent > 0x0008:
+        if group_swapped <= 0x0008:
+            order = "little" if little else "big"
+            raise HeaderError(R.ENCODING_MISMATCH, f"the data set is not {order} endian as the negotiated transfer syntax {syntax} says")
+        raise HeaderError(R.UNPARSEABLE, f"the payload does not start like a DICOM data set (first group {group_as_sent:04X})")
     looks_explicit = raw[4:6] in _VRS
     if ts.is_implicit_VR and looks_explicit:
         raise HeaderError(R.ENCODING_MISMATCH, f"the data set has explicit VRs but the negotiated transfer syntax {syntax} is implicit VR")
@@ -254,6 +258,10 @@ def read_header(path: Path) -> InstanceHeader:
         try:
             dataset = pydicom.dcmread(stream, stop_before_pixels=True, defer_size="256 KB")
             pixel_offset = stream.tell()
+            meta = getattr(dataset, "file_meta", None)
+            transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "").strip().rstrip("\x00") if meta is not None else ""
+            if transfer_syntax and not R.uid_problem(transfer_syntax):
+                _check_dataset_encoding(stream, _data_set_start(stream), transfer_syntax)
             # Touch the identifying elements now so a corrupt element fails here, not later.
             sop_class = _required_uid(dataset, "SOPClassUID")
         except HeaderError:
@@ -261,8 +269,6 @@ def read_header(path: Path) -> InstanceHeader:
         except Exception as exc:  # untrusted bytes: any parser failure (BytesLengthException, struct.error, ...) is "unparseable"
             raise HeaderError(R.UNPARSEABLE, f"payload does not parse as DICOM: {type(exc).__name__}: {R.printable(exc, 300)}") from None
         try:
-            meta = getattr(dataset, "file_meta", None)
-            transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "").strip().rstrip("\x00") if meta is not None else ""
             if transfer_syntax and R.uid_problem(transfer_syntax):
                 raise HeaderError(R.INVALID_UID, "TransferSyntaxUID is not a UID")
             header_fields = dict(
@@ -275,8 +281,6 @@ def read_header(path: Path) -> InstanceHeader:
             )
             if sop_class not in CT_SOP_CLASSES and sop_class != SEGMENTATION_STORAGE:
                 raise HeaderError(R.UNSUPPORTED, f"SOP class {sop_class} is not CT or Segmentation")
-            if transfer_syntax:
-                _check_dataset_encoding(stream, _data_set_start(stream), transfer_syntax)
             if sop_class == CT_IMAGE_STORAGE:
                 for keyword in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
                     if dataset.get(keyword) in (None, ""):

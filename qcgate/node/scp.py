@@ -46,6 +46,8 @@ from qcgate.store.models import AssociationRecord, utcnow
 
 LOG = logging.getLogger("qcgate.node")
 
+# Write errors that mean "no room": a full disk, a quota, a file-size limit.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 REFUSAL_LOG_INTERVAL_SECONDS = 60.0  # connection refusals: one log line and row per host and reason per interval
 
 # Uncompressed and the compressed syntaxes real PACS and AI routers send. Stored as received;
@@ -444,7 +446,7 @@ class GateNode:
             for leftover in (received, getattr(exc, "_qcgate_incoming", None)):
                 if isinstance(leftover, Path):
                     leftover.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
                 result = self.ingestor.refuse_for_disk(incoming, state.record_id, sop_uid, f"disk full: {exc.strerror}")
                 LOG.warning("refused %s with 0xA700: %s", R.printable(sop_uid, 100), result.message)
             else:
@@ -471,7 +473,7 @@ class GateNode:
         if received is not None:
             failure = pynetdicom_adapter.write_error(received)
             if failure is not None:  # the disk filled during the transfer; the file is gone already
-                disk_full = failure.errno in (errno.ENOSPC, errno.EDQUOT)
+                disk_full = failure.errno in _NO_SPACE
                 message = f"{'disk full' if disk_full else 'write failed'} while receiving: {failure.strerror or failure}"
                 LOG.warning("refused %s with 0xA700: %s", R.printable(sop_uid, 100), message)
                 if disk_full:
