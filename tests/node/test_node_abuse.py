@@ -126,6 +126,7 @@ NODE_LIMITS = {"max_associations": 4, "max_pending_connections": 16, "associatio
 
 # --- connections ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~40 s on 2 cores: each connection costs pynetdicom two polling threads until closed
 @sqlite_only
 def test_idle_and_slow_drip_sockets_do_not_lock_out_a_legitimate_echo(make_gate) -> None:
     gate = make_gate(node=NODE_LIMITS)
@@ -172,6 +173,7 @@ def test_a_host_at_its_connection_cap_with_negotiated_associations_is_refused_at
     assert "max_connections_per_host" in gate.log_text()
 
 
+@pytest.mark.slow
 @sqlite_only
 def test_tls_silent_peers_and_a_partial_client_hello_do_not_block_a_good_tls_peer(make_gate, tmp_path: Path) -> None:
     key, cert = _make_certificate(tmp_path, "server")
