@@ -414,3 +414,25 @@ def test_a_full_disk_during_the_transfer_is_a700_with_the_association_kept(make_
     report = json.loads(body)
     assert code == 503 and report["checks"]["no_recent_disk_refusals"] is False
     assert gate.sql("SELECT reason_code, dimse_status FROM refused_instances") == [("disk-full", 0xA700)]
+
+
+# --- allowed_hosts ---------------------------------------------------------------------------------
+
+def test_allowed_hosts_takes_addresses_networks_and_names_and_names_an_invalid_network() -> None:
+    from qcgate.config import load_settings
+    from qcgate.errors import ConfigError
+    from qcgate.node.transport import address_allowed, resolve_allowed_hosts
+
+    networks = resolve_allowed_hosts(["localhost", "10.0.0.0/8", "192.168.1.5"])
+    assert address_allowed("127.0.0.1", networks) and address_allowed("10.9.8.7", networks)
+    assert address_allowed("::ffff:192.168.1.5", networks) and not address_allowed("192.168.1.6", networks)
+    with pytest.raises(ValueError, match="node.allowed_hosts: cannot resolve 'no-such-host.invalid'"):
+        resolve_allowed_hosts(["no-such-host.invalid"])
+    with pytest.raises(ConfigError, match=r"node\.allowed_hosts.*'127\.0\.0\.1/33' is not a valid IP address or CIDR network"):
+        load_settings(None, {"node": {"allowed_hosts": ["127.0.0.1/33"]}})
+
+
+@sqlite_only
+def test_a_name_in_allowed_hosts_admits_its_addresses(make_gate) -> None:
+    gate = make_gate(node={"allowed_hosts": ["localhost"]})
+    assert timed_echo(gate.port) < 1.0
