@@ -6,6 +6,7 @@ warnings: a misspelt ``stable_secnds`` must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -29,6 +30,24 @@ def _check_ae_title(value: str) -> str:
     if not stripped or not _AE_TITLE.match(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-{AE_MAX_LENGTH} printable characters, no backslash)")
     return stripped
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _check_host_entry(value: str) -> str:
+    """An IP address, a CIDR network, or a host name (resolved when the node starts)."""
+    entry = value.strip()
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return entry
+    except ValueError:
+        pass
+    if not entry or "/" in entry or ":" in entry:  # meant as an address or a network
+        raise ValueError(f"{value!r} is not a valid IP address or CIDR network")
+    if re.fullmatch(r"[0-9.]+", entry) or not _HOST_NAME.match(entry):
+        raise ValueError(f"{value!r} is not an IP address, a CIDR network or a host name")
+    return entry
 
 
 class TlsSettings(_Section):
@@ -57,10 +76,17 @@ class NodeSettings(_Section):
     port: int = Field(default=11112, ge=1, le=65535)
     require_called_ae_title: bool = True
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
-    allowed_hosts: list[str] = Field(default_factory=list)
-    max_associations: int = Field(default=16, ge=1, le=1024)
+    allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses, CIDR networks, or names resolved at start")
+    max_associations: int = Field(default=16, ge=1, le=1024, description="concurrent negotiated associations")
     max_pdu_bytes: int = Field(default=4_194_304, ge=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    association_request_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="from accept to a complete A-ASSOCIATE-RQ (TLS handshake included)")
+    max_pending_connections: int = Field(
+        default=32, ge=1, le=4096, description="connections that have not sent their A-ASSOCIATE-RQ; the oldest is closed past it")
+    max_connections_per_host: int = Field(default=32, ge=1, le=4096, description="concurrent TCP connections from one address")
+    max_association_request_bytes: int = Field(
+        default=65_536, ge=4096, le=16_777_216, description="largest PDU accepted before association (an A-ASSOCIATE-RQ is a few KB)")
     # Off by default: the QC worker does not process Enhanced (multi-frame) CT yet; such jobs would fail.
     accept_enhanced_ct: bool = False
     tls: TlsSettings = Field(default_factory=TlsSettings)
@@ -74,6 +100,11 @@ class NodeSettings(_Section):
     @classmethod
     def _aes(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        return [_check_host_entry(v) for v in values]
 
 
 class StorageSettings(_Section):
