@@ -345,3 +345,31 @@ def test_a_memory_error_in_a_real_job_is_recorded_as_the_limit(database: Any, mo
     summary = worker._run(job_id, settings, session_factory, tmp_path, worker.StageTimer(), token)
     assert summary["error"] == "exceeded the memory limit of 2048 MB"
     assert _job(session_factory, job_id).state == "failed"
+
+
+def test_migration_0006_adds_and_removes_only_the_lease_columns(db_url: str, tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from qcgate.store.database import _MIGRATIONS
+
+    url = db_url or f"sqlite:///{tmp_path / 'migrate.db'}"
+    engine = create_db_engine(url)
+    try:
+        upgrade_database(engine, "0003")
+
+        def columns() -> set[str]:
+            return {column["name"] for column in inspect(engine).get_columns("jobs")}
+
+        before = columns()
+        upgrade_database(engine, "0006")
+        assert columns() - before == {"worker_host", "heartbeat_at", "lease_until"}
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0003")
+        assert columns() == before
+    finally:
+        engine.dispose()
