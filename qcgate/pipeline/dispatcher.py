@@ -340,8 +340,8 @@ class Dispatcher(threading.Thread):
         if not overdue:
             return
         for job_id in overdue:
-            LOG.error("job %s: time limit of %.0f s exceeded", job_id, limit)
-            self._end(job_id, self.running.pop(job_id).token, TIMED_OUT, f"time limit of {limit:.0f} s exceeded")
+            LOG.error("job %s: time limit of %g s exceeded", job_id, limit)
+            self._end(job_id, self.running.pop(job_id).token, TIMED_OUT, f"time limit of {limit:g} s exceeded")
         # A process pool cannot cancel a running task: replace the pool; other jobs run again.
         for job_id, entry in list(self.running.items()):
             self._hand_back(job_id, entry.token)

@@ -373,3 +373,20 @@ def test_migration_0006_adds_and_removes_only_the_lease_columns(db_url: str, tmp
         assert columns() == before
     finally:
         engine.dispose()
+
+
+def test_a_job_that_keeps_timing_out_fails_at_the_cap_with_the_tally(database: Any) -> None:
+    url, session_factory = database
+    [job_id] = _add_jobs(session_factory, 1)
+    never = threading.Event()
+    settings = _settings(url, job_timeout_seconds=0.5, max_job_attempts=2)
+    dispatcher = Dispatcher(settings, session_factory, lambda n: StubThreads(n, url, never))
+    dispatcher.start()
+    try:
+        _wait(lambda: _job(session_factory, job_id).state == "failed", timeout=20)
+        job = _job(session_factory, job_id)
+        assert job.attempts == 2
+        assert job.error == "timed out 2 times (attempt cap 2); last: time limit of 0.5 s exceeded", job.error
+    finally:
+        never.set()
+        dispatcher.stop()
