@@ -151,7 +151,10 @@ class PipelineSettings(_Section):
     model: str = Field(default="lidc-geometry", description="a directory under models/, or a path")
     workers: int = Field(default=1, ge=0, le=64, description="processes in the local job pool; 0: this process only queues jobs")
     job_timeout_seconds: float = Field(default=900.0, gt=0)
-    max_job_attempts: int = Field(default=3, ge=1, description="a job interrupted this often is failed")
+    max_job_attempts: int = Field(default=3, ge=1, description="a job whose worker died, timed out or lost its lease this often is failed")
+    lease_seconds: float = Field(default=60.0, gt=0, description="a running job whose lease is this old is re-queued by any dispatcher")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a dispatcher renews the leases of its running jobs")
+    job_memory_limit_mb: int = Field(default=4096, ge=0, description="address-space limit of each worker process (RLIMIT_AS); 0: none")
     margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin; default the model's validation MAE")
     series_policy: str = Field(default="strict", description="strict | fraction")
     reject_fraction: float = Field(default=0.25, gt=0, le=1, description="for series_policy = fraction")
@@ -165,6 +168,12 @@ class PipelineSettings(_Section):
         if value not in {"strict", "fraction"}:
             raise ValueError(f"{value!r} is not one of strict, fraction")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "PipelineSettings":
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("pipeline.lease_seconds must be at least twice pipeline.heartbeat_seconds")
+        return self
 
 
 _DESTINATION = re.compile(rf"^(?P<ae>[^@]{{1,{AE_MAX_LENGTH}}})@(?P<host>[^:@]+):(?P<port>\d{{1,5}})$")

@@ -218,8 +218,11 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    worker: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))
-    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))  # the claim token: host:pid:random
+    worker_host: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))  # the host of the claiming dispatcher
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # re-queued by anyone after this
+    error: Mapped[str | None] = mapped_column(Text)  # pending: why earlier attempts ended; failed: the reason
     timings: Mapped[str | None] = mapped_column(Text)  # JSON {stage: seconds}
 
     case: Mapped[Case] = relationship(back_populates="jobs")
