@@ -357,7 +357,7 @@ def test_migration_0006_adds_and_removes_only_the_lease_columns(db_url: str, tmp
     url = db_url or f"sqlite:///{tmp_path / 'migrate.db'}"
     engine = create_db_engine(url)
     try:
-        upgrade_database(engine, "0003")
+        upgrade_database(engine, "0005")
 
         def columns() -> set[str]:
             return {column["name"] for column in inspect(engine).get_columns("jobs")}
@@ -369,7 +369,7 @@ def test_migration_0006_adds_and_removes_only_the_lease_columns(db_url: str, tmp
         config.set_main_option("script_location", str(_MIGRATIONS))
         with engine.begin() as connection:
             config.attributes["connection"] = connection
-            command.downgrade(config, "0003")
+            command.downgrade(config, "0005")
         assert columns() == before
     finally:
         engine.dispose()

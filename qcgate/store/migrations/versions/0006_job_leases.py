@@ -4,11 +4,8 @@ A running job belongs to the dispatcher whose lease on it is current; recovery r
 whose lease has expired (or whose dispatcher is known dead on this host), never one that another
 live machine runs. Columns only, all nullable: no data changes.
 
-Written against 0003; re-pointed at merge (the integrator chains it after 0004 actions and 0005
-users by changing down_revision).
-
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-01 10:00:00.000000
 """
 import sqlalchemy as sa
@@ -16,7 +13,7 @@ from alembic import op
 
 
 revision = '0006'
-down_revision = '0003'  # re-pointed at merge
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
