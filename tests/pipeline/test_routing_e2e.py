@@ -102,7 +102,7 @@ def test_a_review_case_reaches_the_review_station_now_and_the_clinical_pacs_once
     assert _classes(clinical) == [SEG_CLASS, SR_CLASS]  # exactly once each
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in clinical.folder.iterdir()}
     assert ai_seg_uid in uids  # the AI's own SEG, from the spool, unchanged
-    actions = gate.sql("SELECT action, user FROM actions ORDER BY id")
+    actions = gate.sql('SELECT action, "user" FROM actions ORDER BY id')  # "user": a keyword in PostgreSQL
     assert actions == [("delivery.hold", "qcgate"), ("delivery.release", "dr.reviewer")]
 
 
