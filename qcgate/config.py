@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from qcgate.core.dicom import AE_MAX_LENGTH
 from qcgate.core.layout import DataLayout
@@ -198,10 +198,140 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-class DeliverySettings(_Section):
-    """Where the SEG and SR go, and how hard to try."""
+# What a destination rule can name (docs/OPERATIONS.md "What is sent where"). ``qc-seg`` is the output
+# kind ``seg``; ``ai-seg`` is the AI's own SEG instance(s) of the case, sent from the spool.
+ROUTABLE_OBJECTS = ("ai-seg", "qc-seg", "sr", "sc", "pdf", "pmap", "report")
+SERIES_VERDICTS = ("accept", "review", "reject")
+# A plain ``destinations = [...]`` entry: what qcgate always sent, on every verdict.
+DEFAULT_OBJECTS = ("qc-seg", "sr", "pmap")
+DESTINATION_TYPES = ("dimse", "stow", "webhook")
+DESTINATION_KEY_LENGTH = 128  # deliveries.destination
 
-    destinations: list[str] = Field(default_factory=list, description="AE@HOST:PORT entries")
+
+def destination_type(address: str) -> str:
+    """``dimse`` (AE@HOST:PORT), ``webhook`` (webhook+http(s)://...) or ``stow`` (http(s)://.../dicom-web)."""
+    text = address.strip()
+    if text.startswith(("webhook+http://", "webhook+https://")):
+        return "webhook"
+    if text.startswith(("http://", "https://")):
+        return "stow"
+    Destination.parse(text)
+    return "dimse"
+
+
+def _check_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    url = text.removeprefix("webhook+")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError(f"{parts.scheme}://{parts.hostname}...: put credentials in username/password or token, not in the URL")
+    return text.strip().rstrip("/")
+
+
+class DestinationSettings(_Section):
+    """One ``[[delivery.destination]]`` table: where, what, on which verdicts, and how to get there."""
+
+    name: str = Field(default="", description="the destination's name in the outbox and the audit; default: the address")
+    address: str = Field(description="AE@HOST:PORT (C-STORE), https://host/dicom-web (STOW-RS) or webhook+https://host/path")
+    type: str | None = Field(default=None, description="dimse | stow | webhook; default: from the address")
+    objects: list[str] = Field(default_factory=lambda: list(DEFAULT_OBJECTS), description=f"any of {', '.join(ROUTABLE_OBJECTS)}")
+    verdicts: list[str] = Field(default_factory=lambda: list(SERIES_VERDICTS), description="series verdicts it receives on")
+    # TLS: DIMSE over TLS when tls = true; for https URLs the CA file replaces the system's CAs.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
+    # STOW-RS (and webhook) authentication: a bearer token, or HTTP basic auth.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    # Webhook: the HMAC-SHA256 secret that signs each body.
+    hmac_secret: SecretStr | None = None
+    hmac_secret_file: Path | None = None
+
+    @field_validator("objects")
+    @classmethod
+    def _objects(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value not in ROUTABLE_OBJECTS:
+                raise ValueError(f"unknown object {value!r}: one of {', '.join(ROUTABLE_OBJECTS)}")
+        return list(dict.fromkeys(values))
+
+    @field_validator("verdicts")
+    @classmethod
+    def _verdicts(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value not in SERIES_VERDICTS:
+                raise ValueError(f"unknown verdict {value!r}: one of {', '.join(SERIES_VERDICTS)}")
+        if not values:
+            raise ValueError("a destination needs at least one verdict")
+        return list(dict.fromkeys(values))
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str | None) -> str | None:
+        if value is not None and value not in DESTINATION_TYPES:
+            raise ValueError(f"{value!r} is not one of {', '.join(DESTINATION_TYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DestinationSettings":
+        kind = self.type or destination_type(self.address)
+        if self.type is None:
+            object.__setattr__(self, "type", kind)
+        if kind == "dimse":
+            object.__setattr__(self, "address", str(Destination.parse(self.address)))
+            if not self.tls and (self.tls_ca_file or self.tls_cert_file or self.tls_key_file):
+                raise ValueError("tls_ca_file / tls_cert_file / tls_key_file need tls = true on a DICOM destination")
+            if "report" in self.objects:
+                raise ValueError("objects: 'report' is the HTML report, not a DICOM object; send 'pdf'")
+        else:
+            address = self.address if kind != "webhook" or self.address.startswith("webhook+") else "webhook+" + self.address
+            object.__setattr__(self, "address", _check_url(address))
+            if self.tls:
+                raise ValueError("tls = true is for DICOM destinations; an https:// URL is TLS already")
+        if kind == "stow" and "report" in self.objects:
+            raise ValueError("objects: 'report' is the HTML report, not a DICOM object; send 'pdf'")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("token and token_file: set one")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file: set one")
+        if (self.token or self.token_file) and self.username:
+            raise ValueError("a bearer token or username/password: set one")
+        if kind == "webhook":
+            if (self.hmac_secret is None) == (self.hmac_secret_file is None):
+                raise ValueError("a webhook needs one of hmac_secret, hmac_secret_file")
+        elif self.hmac_secret is not None or self.hmac_secret_file is not None:
+            raise ValueError("hmac_secret is for webhook destinations")
+        if not self.name.strip():
+            object.__setattr__(self, "name", self.address)
+        if len(self.name) > DESTINATION_KEY_LENGTH:
+            raise ValueError(f"name: at most {DESTINATION_KEY_LENGTH} characters (give a shorter name)")
+        return self
+
+    @property
+    def key(self) -> str:
+        """What ``deliveries.destination`` holds for this destination."""
+        return self.name
+
+    def wants(self, obj: str) -> bool:
+        return self.type == "webhook" or obj in self.objects
+
+
+class DeliverySettings(_Section):
+    """Where the outputs go (with rules by object and verdict), and how hard to try."""
+
+    destinations: list[str] = Field(default_factory=list, description="AE@HOST:PORT (or URL) entries, each with the default rule")
+    destination: list[DestinationSettings] = Field(default_factory=list, description="destinations with rules ([[delivery.destination]])")
+    console_url: str = Field(default="", description="public base URL of the console, for links in webhook payloads")
     dead_letter_after_hours: float = Field(
         default=72.0, gt=0,
         description="a delivery that keeps failing transiently becomes a dead letter only once it has waited this long")
@@ -217,10 +347,28 @@ class DeliverySettings(_Section):
     @field_validator("destinations")
     @classmethod
     def _destinations(cls, values: list[str]) -> list[str]:
-        return [str(Destination.parse(v)) for v in values]
+        out = []
+        for value in values:
+            kind = destination_type(value)
+            out.append(str(Destination.parse(value)) if kind == "dimse" else _check_url(value))
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DeliverySettings":
+        seen: set[str] = set()
+        for target in self.targets():
+            if target.key in seen:
+                raise ValueError(f"two destinations are called {target.key!r}: give each a distinct name")
+            seen.add(target.key)
+        return self
+
+    def targets(self) -> list[DestinationSettings]:
+        """Every destination with its rule: the plain entries (default rule) and the tables."""
+        return [DestinationSettings(address=text) for text in self.destinations] + list(self.destination)
 
     def parsed_destinations(self) -> list[Destination]:
-        return [Destination.parse(v) for v in self.destinations]
+        """The DIMSE addresses of the plain entries (older callers)."""
+        return [Destination.parse(v) for v in self.destinations if destination_type(v) == "dimse"]
 
 
 class ObservabilitySettings(_Section):
@@ -335,6 +483,12 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         for key in ("cert_file", "key_file", "ca_file"):
             if isinstance(tls.get(key), str):
                 tls[key] = str((base / tls[key]).resolve())
+    delivery = raw.get("delivery")
+    tables = delivery.get("destination") if isinstance(delivery, dict) else None
+    for table in tables if isinstance(tables, list) else []:
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "token_file", "password_file", "hmac_secret_file"):
+            if isinstance(table, dict) and isinstance(table.get(key), str):
+                table[key] = str((base / table[key]).resolve())
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:

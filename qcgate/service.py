@@ -103,7 +103,7 @@ class GateService:
         checks["no_recent_disk_refusals"] = recent == 0
         checks["assembler"] = self.assembler.is_alive()
         checks["workers"] = self.dispatcher is None or self.dispatcher.is_alive()
-        checks["delivery"] = all(worker.is_alive() for worker in self.outbox.workers)
+        checks["delivery"] = self.outbox.is_alive()  # the destinations' threads and the router
         if self.dispatcher is not None:
             try:
                 verify_configured_model(self.settings)

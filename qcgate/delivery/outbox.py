@@ -28,31 +28,26 @@ import datetime as dt
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, evt
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qcgate.config import DeliverySettings, Destination
+from qcgate.config import DeliverySettings, Destination, DestinationSettings
+from qcgate.delivery.transports import (  # noqa: F401  (send_dataset: re-exported for callers and tests)
+    PEER_ABORT_GRACE_SECONDS,
+    AttemptOutcome,
+    DeliveryInput,
+    Target,
+    make_target,
+    send_dataset,
+)
 from qcgate.store.models import Delivery, DeliveryAttempt, DeliveryState, Output, utcnow
 
 LOG = logging.getLogger("qcgate.delivery")
 
 _CHUNK = 500  # ids per IN (...) list
-
-
-@dataclass(frozen=True)
-class AttemptOutcome:
-    outcome: str  # sent | transient | permanent | local (the output file could not be read)
-    status: int | None
-    message: str
-
-
-PEER_ABORT_GRACE_SECONDS = 0.5
 
 
 def backoff_seconds(attempt: int, settings: DeliverySettings) -> float:
@@ -65,52 +60,6 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)  # SQLite returns naive UTC
 
 
-def send_dataset(dataset: Any, destination: Destination, calling_ae: str, timeout: float) -> AttemptOutcome:
-    """One C-STORE of ``dataset`` to ``destination``, classified as sent, transient or permanent."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.add_requested_context(dataset.SOPClassUID, [str(dataset.file_meta.TransferSyntaxUID)])
-    peer_aborted = threading.Event()
-
-    def on_acse_received(event: Any) -> None:
-        if isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
-            peer_aborted.set()
-
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_received)])
-    if assoc.is_rejected:
-        result = getattr(assoc.acceptor, "primitive", None)
-        permanent = result is not None and getattr(result, "result", None) == 0x01
-        kind = "permanent" if permanent else "transient"
-        return AttemptOutcome(kind, None, f"association rejected ({'permanent' if permanent else 'transient'})")
-    if not assoc.is_established:
-        if assoc.rejected_contexts and not assoc.accepted_contexts:
-            # The peer answered but accepts none of our contexts (pynetdicom then aborts): permanent.
-            return AttemptOutcome("permanent", None, f"destination accepts no presentation context for {dataset.SOPClassUID}")
-        return AttemptOutcome("transient", None, "no association (destination unreachable or aborted)")
-    try:
-        if not assoc.accepted_contexts:
-            return AttemptOutcome("permanent", None, f"destination accepts no presentation context for {dataset.SOPClassUID}")
-        status = assoc.send_c_store(dataset)
-        if status is None or "Status" not in status:
-            # The peer's A-ABORT is read by the association's own thread, a moment after the empty answer.
-            if peer_aborted.wait(PEER_ABORT_GRACE_SECONDS):
-                # Orthanc, for one, accepts the association of an AE it does not know and aborts on the request.
-                return AttemptOutcome("transient", None, "the destination aborted the association on C-STORE "
-                                      "(not authorised? check its AE title and IP host check for this gate)")
-            return AttemptOutcome("transient", None, "no C-STORE response (connection lost or timed out)")
-        code = int(status.Status)
-        if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
-            return AttemptOutcome("sent", code, "stored" if code == 0 else f"stored with warning 0x{code:04X}")
-        if 0xA700 <= code <= 0xA7FF:
-            return AttemptOutcome("transient", code, f"destination out of resources (0x{code:04X})")
-        return AttemptOutcome("permanent", code, f"destination refused with 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
 def send_file(path: Path, destination: Destination, calling_ae: str, timeout: float) -> AttemptOutcome:
     """One C-STORE of the file at ``path`` (see :func:`send_dataset`)."""
     import pydicom
@@ -121,9 +70,9 @@ def send_file(path: Path, destination: Destination, calling_ae: str, timeout: fl
 class DestinationWorker(threading.Thread):
     """Empties the outbox for one destination, oldest first; backs the whole destination off."""
 
-    def __init__(self, destination: Destination, settings: DeliverySettings, session_factory: sessionmaker[Session],
+    def __init__(self, destination: Target, settings: DeliverySettings, session_factory: sessionmaker[Session],
                  data_dir: Path, calling_ae: str) -> None:
-        super().__init__(name=f"qcgate-delivery-{destination.ae_title}", daemon=True)
+        super().__init__(name=f"qcgate-delivery-{destination.key}"[:64], daemon=True)
         self.destination = destination
         self.settings = settings
         self.session_factory = session_factory
@@ -154,25 +103,24 @@ class DestinationWorker(threading.Thread):
             return False
         with self.session_factory() as session:
             row = session.execute(
-                select(Delivery.id, Delivery.attempts, Delivery.queued_at, Output.path)
+                select(Delivery.id, Delivery.attempts, Delivery.queued_at, Output.path, Output.case_id, Delivery.held_at)
                 .join(Output, Output.id == Delivery.output_id)
-                .where(Delivery.destination == str(self.destination), Delivery.state == DeliveryState.PENDING.value,
+                .where(Delivery.destination == self.destination.key, Delivery.state == DeliveryState.PENDING.value,
                        Delivery.next_attempt_at <= utcnow())
                 .order_by(Delivery.id).limit(1)
             ).first()
         if row is None:
             return False
-        delivery_id, attempts, queued_at, relative = row
-        import pydicom
-
+        delivery_id, attempts, queued_at, relative, case_id, held_at = row
+        item = DeliveryInput(delivery_id=delivery_id, output_path=relative, case_id=case_id, held=held_at is not None)
         try:
-            dataset = pydicom.dcmread(self.data_dir / relative)
+            payload = self.destination.load(self.session_factory, item)
         except Exception as exc:  # missing, unreadable or not DICOM: this output's problem, not the PACS's
             self._record_local(delivery_id, attempts + 1, _aware(queued_at), AttemptOutcome("local", None, f"cannot read {relative}: {type(exc).__name__}: {exc}"))
             return True
         self.probes += 1
         try:
-            outcome = send_dataset(dataset, self.destination, self.calling_ae, self.settings.connect_timeout_seconds)
+            outcome = self.destination.send(payload, item)
         except (OSError, ValueError, RuntimeError) as exc:
             outcome = AttemptOutcome("transient", None, f"{type(exc).__name__}: {exc}")
         if outcome.outcome == "transient":
@@ -234,7 +182,7 @@ class DestinationWorker(threading.Thread):
         with self.session_factory() as session, session.begin():
             waiting = session.execute(
                 select(Delivery.id, Delivery.queued_at)
-                .where(Delivery.destination == str(self.destination), Delivery.state == DeliveryState.PENDING.value,
+                .where(Delivery.destination == self.destination.key, Delivery.state == DeliveryState.PENDING.value,
                        (Delivery.next_attempt_at <= now) | (Delivery.id == probe_id))
                 .order_by(Delivery.id)
             ).all()
@@ -263,21 +211,34 @@ class DestinationWorker(threading.Thread):
 
 
 class Outbox:
-    """One worker thread per configured destination."""
+    """One worker thread per configured destination, and the router that fills their queues
+    (``route=False``: the queues are filled by someone else, e.g. a test)."""
 
-    def __init__(self, settings: DeliverySettings, session_factory: sessionmaker[Session], data_dir: Path, calling_ae: str) -> None:
+    def __init__(self, settings: DeliverySettings, session_factory: sessionmaker[Session], data_dir: Path, calling_ae: str,
+                 *, route: bool = True) -> None:
+        from qcgate.delivery.routing import Router
+
         if settings.max_attempts is not None:
             LOG.warning("delivery.max_attempts (%d) is deprecated and ignored: transient failures are retried until a delivery "
                         "has waited delivery.dead_letter_after_hours (%g h); remove it from the configuration",
                         settings.max_attempts, settings.dead_letter_after_hours)
-        self.workers = [DestinationWorker(d, settings, session_factory, data_dir, calling_ae) for d in settings.parsed_destinations()]
+        self.workers = [DestinationWorker(make_target(d, settings, data_dir, calling_ae), settings, session_factory, data_dir, calling_ae)
+                        for d in settings.targets()]
+        self.router = Router(settings, session_factory, data_dir) if route else None
 
     def start(self) -> None:
+        if self.router is not None:
+            self.router.start()
         for worker in self.workers:
             worker.start()
 
+    def is_alive(self) -> bool:
+        """Every destination's thread and the router run."""
+        return all(worker.is_alive() for worker in self.workers) and (self.router is None or self.router.is_alive())
+
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        for worker in self.workers:
-            worker.join(timeout=10)
+        threads: list[Any] = [*self.workers, *([self.router] if self.router is not None else [])]
+        for thread in threads:
+            thread.stop()
+        for thread in threads:
+            thread.join(timeout=10)

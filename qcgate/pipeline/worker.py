@@ -34,7 +34,6 @@ from qcgate.store.database import create_db_engine, make_session_factory
 from qcgate.store.models import (
     Case,
     CaseState,
-    Delivery,
     Instance,
     Job,
     JobState,
@@ -215,11 +214,7 @@ def _record_success(session: Session, job: Job, case: Case, result: CaseResult, 
         output = Output(case_id=case.id, job_id=job.id, kind=kind, path=str(path.relative_to(data_dir)),
                         sop_class_uid=str(dataset.SOPClassUID) if dataset is not None else None,
                         sop_instance_uid=str(dataset.SOPInstanceUID) if dataset is not None else None)
-        session.add(output)
-        session.flush()
-        if dataset is not None:
-            for destination in destinations:
-                session.add(Delivery(output_id=output.id, destination=destination))
+        session.add(output)  # its delivery rows: serve's router (qcgate.delivery.routing); ``destinations`` is unused
     case.state = CaseState.DONE.value
     case.series_verdict = result.series_verdict.value
     case.model_name, case.model_version = result.model_name, result.model_version

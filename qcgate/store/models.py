@@ -273,15 +273,20 @@ class Output(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
-    kind: Mapped[str] = mapped_column(String(STATE_LENGTH))  # seg | sr | pmap | report
+    kind: Mapped[str] = mapped_column(String(STATE_LENGTH))  # seg | sr | pmap | report | ai-seg (routing)
     sop_class_uid: Mapped[str | None] = mapped_column(UID)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)  # relative to the data dir
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When `serve`'s router made this output's delivery rows (pending or held) from its rules; NULL:
+    # not routed yet (qcgate.delivery.routing). Migration 0007.
+    routed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_outputs_case", "case_id"),
-        UniqueConstraint("job_id", "kind", name="uq_output_job_kind"),
+        # one output per kind and file: a case may have several ai-seg outputs (migration 0007)
+        UniqueConstraint("job_id", "kind", "path", name="uq_output_job_kind_path"),
+        Index("ix_outputs_routed_at", "routed_at"),
         # audit: "was this SR delivered", asked with the SR's SOP Instance UID
         Index("ix_outputs_sop", "sop_instance_uid"),
     )
@@ -291,6 +296,8 @@ class DeliveryState(str, enum.Enum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"  # permanent refusal or too many attempts
+    HELD = "held"  # waits for a reviewer's decision (qcgate.delivery.routing); migration 0007
+    DISCARDED = "discarded"  # held, then the reviewer rejected the case: never sent
 
 
 class Delivery(Base):
@@ -311,6 +318,8 @@ class Delivery(Base):
     # server default serves inserts that name only the older columns (bulk loads).
     queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                    server_default=text("CURRENT_TIMESTAMP"))
+    # When it was held for review (it stays set after a release or discard). Migration 0007.
+    held_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),
