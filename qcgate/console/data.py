@@ -27,7 +27,9 @@ from qcgate.store.models import (
     ReviewDecision,
     SliceResultRecord,
 )
-from qcgate.store.review import HELD
+from qcgate.store.models import DeliveryState
+
+HELD = DeliveryState.HELD.value
 
 LOG = logging.getLogger("qcgate.console")
 

@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from qcgate.config import DeliverySettings, Destination, DestinationSettings
+from qcgate.config import DeliverySettings, Destination
 from qcgate.delivery.transports import (  # noqa: F401  (send_dataset: re-exported for callers and tests)
     PEER_ABORT_GRACE_SECONDS,
     AttemptOutcome,

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qcgate.config import DeliverySettings, Destination, DestinationSettings
 from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.errors import ConfigError
-from qcgate.store.models import Case, Delivery, Instance, Output, SliceResultRecord
+from qcgate.store.models import Case, Instance, Output, SliceResultRecord
 
 
 @dataclass(frozen=True)

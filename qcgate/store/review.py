@@ -5,10 +5,9 @@
 verdict is ``review``, or it has held outputs, and nobody decided it yet) and the reason (mandatory),
 then writes the ``review_decisions`` row and the ``actions`` row in the caller's transaction.
 
-Held outputs: "routing by verdict" (not built yet) will keep a case's deliveries in the state
-``held`` until a person decides. ``release_or_discard_held_outputs`` is the hook for it: it moves
-those rows to ``pending`` (accept: the outbox sends them) or ``discarded`` (reject). Today no
-delivery is ever ``held``, so it changes nothing and says so (0 rows).
+Held outputs: routing by verdict keeps a case's deliveries ``held`` until a person decides; the
+decision releases them (accept: ``pending``, the outbox sends them) or discards them (reject), with
+``qcgate.store.held`` in the same transaction.
 """
 
 from __future__ import annotations
@@ -16,16 +15,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from qcgate.errors import QcgateError
 from qcgate.store.actions import record_action
-from qcgate.store.models import Case, Delivery, Output, ReviewDecision, User, UserRole, utcnow
+from qcgate.store.held import discard_held, release_held
+from qcgate.store.models import Case, Delivery, DeliveryState, Output, ReviewDecision, User, UserRole, utcnow
 
 DECISIONS = ("accept", "reject")
-HELD = "held"  # a delivery kept back until a person decides (routing by verdict)
-DISCARDED = "discarded"  # a held delivery the reviewer rejected: never sent
 MAX_REASON = 2000
 
 
@@ -52,25 +50,8 @@ def held_deliveries(session: Session, case_id: int) -> int:
     """How many of the case's deliveries are held (waiting for a review decision)."""
     return int(session.scalar(
         select(func.count(Delivery.id)).join(Output, Output.id == Delivery.output_id)
-        .where(Output.case_id == case_id, Delivery.state == HELD)
+        .where(Output.case_id == case_id, Delivery.state == DeliveryState.HELD.value)
     ) or 0)
-
-
-def release_or_discard_held_outputs(session: Session, case_id: int, decision: str) -> int:
-    """The routing-by-verdict hook: the case's ``held`` deliveries become ``pending`` (accept) or
-    ``discarded`` (reject). Returns how many rows moved (0 today: nothing holds deliveries yet)."""
-    target = "pending" if decision == "accept" else DISCARDED
-    values: dict[str, object] = {"state": target}
-    if target == "pending":
-        now = utcnow()
-        values.update(next_attempt_at=now, queued_at=now)
-    result = session.execute(
-        update(Delivery)
-        .where(Delivery.state == HELD, Delivery.output_id.in_(select(Output.id).where(Output.case_id == case_id)))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return int(result.rowcount or 0)
 
 
 def check_reviewer(session: Session, user: str) -> User:
@@ -111,7 +92,7 @@ def decide_review(session: Session, case_id: int, decision: str, user: str, reas
         raise ActionRefused(f"case {case_id} was already decided: {earlier.decision} by {earlier.user_name}")
     now = utcnow()
     session.add(ReviewDecision(case_id=case_id, decision=decision, user_name=user, reason=reason, decided_at=now))
-    moved = release_or_discard_held_outputs(session, case_id, decision)
+    moved = (release_held if decision == "accept" else discard_held)(session, case_id, user=user, reason=reason)
     record_action(session, user=user, action=f"review.{decision}", object_type="case", object_id=case_id, reason=reason,
                   details={"series_verdict": case.series_verdict, "ct_series_uid": case.ct_series_uid,
                            "held_released" if decision == "accept" else "held_discarded": moved})

@@ -179,3 +179,24 @@ def test_destination_tables_and_plain_entries_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="credentials"):
         path.write_text('[delivery]\ndestinations = ["https://user:pw@pacs.example/dicom-web"]\n')
         load_settings(path)
+
+
+def test_a_review_decision_releases_or_discards_the_held_outputs(outbox_db: OutboxDb) -> None:
+    """`qcgate review` and the console call decide_review: it applies the same held-output rule."""
+    from qcgate.store.review import decide_review
+    from qcgate.store.users import add_user
+
+    settings = DeliverySettings(destination=[{"name": "clinical", "address": "CLIN@127.0.0.1:104", "objects": ["qc-seg", "sr"], "verdicts": ["accept"]}])
+    accepted, rejected = (int(add_case(outbox_db, "review")["case_id"]) for _ in range(2))
+    route_pending_cases(outbox_db.session_factory, settings, outbox_db.data_dir)
+    with outbox_db.session_factory() as session, session.begin():
+        add_user(session, "dr.r", "reviewer", "a long enough password")
+    with outbox_db.session_factory() as session, session.begin():
+        assert decide_review(session, accepted, "accept", "dr.r", "outline confirmed").held_released == 2
+        assert decide_review(session, rejected, "reject", "dr.r", "wrong lobe").held_discarded == 2
+    states = {(r["case_id"], r["kind"]): r["state"] for r in outbox_db.deliveries()}
+    assert states == {(accepted, "seg"): "pending", (accepted, "sr"): "pending",
+                      (rejected, "seg"): "discarded", (rejected, "sr"): "discarded"}
+    actions = [(a["action"], a["object_id"]) for a in _actions(outbox_db) if a["user"] == "dr.r"]
+    assert ("delivery.release", str(accepted)) in actions and ("review.accept", str(accepted)) in actions
+    assert ("delivery.discard", str(rejected)) in actions and ("review.reject", str(rejected)) in actions
