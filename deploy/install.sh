@@ -116,7 +116,7 @@ done
 
 # 7. Check the configuration with the installed code (skipped when pip ran without dependencies).
 if "$VENV/bin/python" -c 'import qcgate.config, pydantic' 2>/dev/null; then
-    "$VENV/bin/qcgate" check-config "$CONF_DIR/qcgate.toml"
+    QCGATE_MODELS_DIR="$PREFIX/models" "$VENV/bin/qcgate" check-config "$CONF_DIR/qcgate.toml"  # as the unit sets it
 else
     say "skipped check-config: the environment has no dependencies installed ($PIP_ARGS)"
 fi
