@@ -47,3 +47,19 @@ def outer_contour(mask: np.ndarray, max_points: int = MAX_CONTOUR_POINTS) -> np.
     # crop index (x, y) -> array (col, row) = (x + c0 - 1, y + r0 - 1); DICOM centre offset +0.5
     points = ring + np.array([c0 - 1 + 0.5, r0 - 1 + 0.5])
     return np.vstack([points, points[:1]]).astype(np.float32)
+
+
+def all_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Every closed contour line of ``mask`` (islands and holes), each (N, 2) (column, row) in DICOM
+    pixel coordinates, closed; for drawing (the SR keeps only the outer one)."""
+    import contourpy
+
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return []
+    r0, c0 = int(rows.min()), int(cols.min())
+    crop = np.pad(mask[r0:int(rows.max()) + 1, c0:int(cols.max()) + 1], 1).astype(np.float64)
+    lines = contourpy.contour_generator(z=crop, line_type=contourpy.LineType.Separate).lines(0.5)
+    offset = np.array([c0 - 1 + 0.5, r0 - 1 + 0.5])
+    return [np.asarray(line, dtype=np.float64) + offset for line in lines if len(line) >= 2]
