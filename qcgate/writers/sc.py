@@ -147,10 +147,10 @@ def render_slice_image(item: SliceResult, image_hu: np.ndarray | None, *, synthe
         draw.rectangle([x - 6, 48, canvas.shape[1] - 6, 72], fill=(200, 0, 0))
         draw.text((x, 50), text, font=big, fill=(255, 255, 255))
     # the verdict word beside the lesion: readable without colour
-    mask_rows, mask_cols = np.nonzero(item.ai_mask)
-    if mask_rows.size:
-        x = min(int(mask_cols.max()) * scale + 6, canvas.shape[1] - 64)
-        y = max(int(mask_rows.min()) * scale + HEADER_HEIGHT - 18, HEADER_HEIGHT + 2)
+    any_rows, any_cols = np.flatnonzero(item.ai_mask.any(axis=1)), np.flatnonzero(item.ai_mask.any(axis=0))
+    if any_rows.size:
+        x = min(int(any_cols[-1]) * scale + 6, canvas.shape[1] - 64)
+        y = max(int(any_rows[0]) * scale + HEADER_HEIGHT - 18, HEADER_HEIGHT + 2)
         word = item.verdict.value.upper()
         box = draw.textbbox((x, y), word, font=small)
         draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
@@ -237,9 +237,20 @@ def _reference(ds: Dataset) -> Dataset:
 
 def _sc(pixels: np.ndarray, ref: Dataset, series_uid: str, series_number: int, instance_number: int,
         description: str, synthetic: bool) -> hd.sc.SCImage:
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref,
+    # The constructor with the study's values, not from_ref_dataset: that one checks every attribute of
+    # the CT header against the IOD (0.3 s per hundred images).
+    sc = hd.sc.SCImage(
         pixel_array=np.ascontiguousarray(pixels),
+        study_instance_uid=str(ref.StudyInstanceUID),
+        patient_id=ref.get("PatientID") or None,
+        patient_name=ref.get("PatientName") or None,
+        patient_birth_date=ref.get("PatientBirthDate") or None,
+        patient_sex=ref.get("PatientSex") or None,
+        accession_number=ref.get("AccessionNumber") or None,
+        study_id=ref.get("StudyID") or None,
+        study_date=ref.get("StudyDate") or None,
+        study_time=ref.get("StudyTime") or None,
+        referring_physician_name=ref.get("ReferringPhysicianName") or None,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
