@@ -207,6 +207,9 @@ def tau_q_plot_png(result: CaseResult, dpi: int = 100) -> bytes | None:
     unknown = [xi for xi, s in zip(x, ordered) if s.q is None or s.q != s.q]
     if unknown:
         axis.plot(unknown, [0.02] * len(unknown), "x", color="#555555", linestyle="none", label="q unknown (review)")
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("CT image (InstanceNumber)" if numbered else "slice index")
     axis.set_ylabel("Dice")
     axis.set_ylim(0, 1.02)

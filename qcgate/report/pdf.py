@@ -58,8 +58,8 @@ def render_case_pdf(result: CaseResult, image_hu: np.ndarray | None = None, *, m
             pdf.set_fill_color(198, 40, 40)
             pdf.set_text_color(255, 255, 255)
             pdf.set_font("dejavu", "B", 10)
-            pdf.cell(0, 7, "SYNTHETIC: the data or the threshold model of this case are synthetic (qcgate demo); "
-                     "not for clinical use.", fill=True, new_x="LMARGIN", new_y="NEXT")
+            pdf.multi_cell(0, 6, "SYNTHETIC: the data or the threshold model of this case are synthetic "
+                           "(qcgate demo); not for clinical use.", fill=True, new_x="LMARGIN", new_y="NEXT")
             pdf.set_text_color(0, 0, 0)
             pdf.ln(2)
 
@@ -67,7 +67,7 @@ def render_case_pdf(result: CaseResult, image_hu: np.ndarray | None = None, *, m
     footer_banner()
     counts = {v: sum(s.verdict is v for s in result.slices) for v in Verdict}
     pdf.set_font("dejavu", "B", 16)
-    pdf.cell(45, 9, "Segmentation QC:")
+    pdf.cell(pdf.get_string_width("Segmentation QC: ") + 1, 9, "Segmentation QC: ")
     pdf.set_text_color(*_rgb(content.COLOURS[result.series_verdict]))
     pdf.cell(0, 9, result.series_verdict.value.upper(), new_x="LMARGIN", new_y="NEXT")
     pdf.set_text_color(0, 0, 0)
@@ -78,7 +78,7 @@ def render_case_pdf(result: CaseResult, image_hu: np.ndarray | None = None, *, m
     pdf.ln(1)
     for label, value in content.study_context(result):
         pdf.set_font("dejavu", "B", 8)
-        pdf.cell(38, 4.2, label)
+        pdf.cell(42, 4.2, label)
         pdf.set_font("dejavu", "", 8)
         pdf.multi_cell(0, 4.2, value, new_x="LMARGIN", new_y="NEXT")
     pdf.ln(2)
@@ -145,10 +145,11 @@ def _thumbnails(pdf, ordered, image_hu) -> None:  # type: ignore[no-untyped-def]
     pdf.cell(0, 6, "Lesion slices", new_x="LMARGIN", new_y="NEXT")
     if any(item.uncertainty_map is not None for item in ordered):
         pdf.set_font("dejavu", "", 8)
-        pdf.cell(68, 5, "Uncertainty map scale (all thumbnails): 0")
+        text = "Uncertainty map scale (all thumbnails): 0 "
+        pdf.cell(pdf.get_string_width(text) + 1, 5, text)
         pdf.image(_image(content.colour_bar()), x=pdf.get_x(), y=pdf.get_y() + 1, w=40, h=3)
         pdf.set_x(pdf.get_x() + 41)
-        pdf.cell(0, 5, f"{content.UM_SCALE_MAX} (members' pixel-wise SD)", new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(0, 5, f" {content.UM_SCALE_MAX} (members' pixel-wise SD)", new_x="LMARGIN", new_y="NEXT")
     column = 0
     row_top = pdf.get_y()
     row_height = 0.0
