@@ -161,6 +161,9 @@ class PipelineSettings(_Section):
     lesion_segment_labels: list[str] = Field(default_factory=lambda: ["lesion"])
     write_report: bool = True
     write_uncertainty_map: bool = Field(default=False, description="also send a Parametric Map of the uncertainty map")
+    write_secondary_capture: bool = Field(
+        default=False, description="also send a Secondary Capture series: a summary and one burned-in image per lesion slice")
+    write_pdf: bool = Field(default=False, description="also send the report as an Encapsulated PDF")
 
     @field_validator("series_policy")
     @classmethod

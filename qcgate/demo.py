@@ -77,7 +77,6 @@ def run_demo(out: Path, *, seed: int, model: str, timeout: float) -> int:
         Delivery,
         DeliveryState,
         Output,
-        SliceResultRecord,
     )
 
     if out.exists():
@@ -124,14 +123,20 @@ def run_demo(out: Path, *, seed: int, model: str, timeout: float) -> int:
                 raise QcgateError(f"no result within {timeout:.0f} s (case state: {case.state if case else 'none'})")
             time.sleep(0.5)
         with service.session_factory() as session:
-            rows = session.scalars(select(SliceResultRecord).order_by(SliceResultRecord.slice_index)).all()
+            from qcgate.core.layout import DataLayout
+            from qcgate.store.queries import case_detail
+
+            detail = case_detail(session, case.id, spool_root=DataLayout(settings.storage.data_dir).spool)
+            rows = detail["slices"] if detail else []
             outputs = session.scalars(select(Output)).all()
         print("5/5 result")
         print(f"  series verdict: {case.series_verdict.upper()}  (model {case.model_name} {case.model_version}, q from {case.q_source})")
-        print(f"  {'slice':>5}  {'tau':>6}  {'q':>6}  verdict")
+        print(f"  {'CT image':>8}  {'z mm':>7}  {'tau':>6}  {'q':>6}  verdict")
         for row in rows:
-            q = "   -  " if row.q is None else f"{row.q:6.3f}"
-            print(f"  {row.slice_index:>5}  {row.tau:6.3f}  {q}  {row.verdict}")
+            q = "   -  " if row["q"] is None else f"{row['q']:6.3f}"
+            number = "?" if row["instance_number"] is None else row["instance_number"]
+            z = "      -" if row["z_mm"] is None else f"{row['z_mm']:7.1f}"
+            print(f"  {number:>8}  {z}  {row['tau']:6.3f}  {q}  {row['verdict']}")
         for output in outputs:
             print(f"  {output.kind:>6}: {settings.storage.data_dir / output.path}")
         received = sorted((out / "pacs").glob("*.dcm"))

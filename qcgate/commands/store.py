@@ -153,7 +153,10 @@ def _audit_case(args: argparse.Namespace) -> int:
         raise QcgateError("give a case id or --series UID (one of them)")
     with _open_audit_session(args) as session:
         case_id = args.case_id if args.case_id is not None else queries.case_id_for_series(session, args.series)
-        detail = queries.case_detail(session, case_id) if case_id is not None else None
+        from qcgate.core.layout import DataLayout
+
+        spool = DataLayout(settings_from_args(args).storage.data_dir).spool
+        detail = queries.case_detail(session, case_id, spool_root=spool) if case_id is not None else None
     if detail is None:
         raise QcgateError(f"no case with id {args.case_id}" if args.case_id is not None else f"no case for CT series {args.series}")
     with _output(args) as out:
@@ -166,7 +169,7 @@ def _audit_case(args: argparse.Namespace) -> int:
             case_columns = {key: detail[key] for key in ("case_id", "ct_series_uid", "state", "series_verdict", "model", "q_source", "reason")}
             rows = [{**case_columns, **{k: v for k, v in s.items() if k != "key_features"},
                      "key_features": json.dumps(s["key_features"])} for s in detail["slices"]]
-            columns = list(case_columns) + ["slice_index", "sop_instance_uid", "tau", "q", "margin", "verdict", "lesion_area_mm2", "um_mean", "key_features"]
+            columns = list(case_columns) + ["instance_number", "z_mm", "slice_index", "sop_instance_uid", "tau", "q", "margin", "verdict", "lesion_area_mm2", "um_mean", "key_features"]
             print_rows(rows, columns, "csv", out)
             return 0
         print(f"case {detail['case_id']}: {detail['state']}; series verdict {detail['series_verdict'] or '-'}; model {detail['model'] or '-'}; q from {detail['q_source'] or '-'}", file=out)
@@ -178,7 +181,7 @@ def _audit_case(args: argparse.Namespace) -> int:
         if detail["job"] and detail["job"]["error"]:
             print(f"  job error: {detail['job']['error']}", file=out)
         rows = [{**s, "key_features": ", ".join(f"{k}={v:.3g}" for k, v in list(s["key_features"].items())[:3])} for s in detail["slices"]]
-        print_rows(rows, ["slice_index", "tau", "q", "margin", "verdict", "lesion_area_mm2", "key_features"], args.format, out)
+        print_rows(rows, ["instance_number", "z_mm", "tau", "q", "margin", "verdict", "lesion_area_mm2", "key_features"], args.format, out)
         print_rows(detail["deliveries"], ["kind", "destination", "state", "attempts", "last_error"], args.format, out)
     return 0
 

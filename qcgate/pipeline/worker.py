@@ -163,12 +163,20 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
 
 def write_case_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings, image_hu: np.ndarray | None = None,
                        timer: StageTimer | None = None) -> dict[str, tuple[Path, Dataset | None]]:
-    """Write the QC SEG (when there is a lesion), the SR and the HTML report; {kind: (path, dataset)}.
+    """Write the QC SEG (when there is a lesion), the SR, the HTML report and, when configured, the
+    Parametric Map, the Secondary Capture series and the Encapsulated PDF; {kind: (path, dataset)}.
 
-    The source headers are prepared once for all writers; each dataset is kept as built (no read-back)."""
+    The SC series has one entry per instance, kinds "sc.1" (the summary), "sc.2", ... (outputs are
+    unique per job and kind; the routable object type is the part before the dot, see
+    ``qcgate.writers.sc.output_object_type``). The source headers are prepared once for all writers;
+    each dataset is kept as built (no read-back); the τ/q plot is rendered once for HTML and PDF."""
     from qcgate.writers.common import prepare_derivation_sources, save_dataset
     from qcgate.writers.seg import build_qc_seg
     from qcgate.writers.sr import build_qc_sr
+
+    def lap(stage: str) -> None:
+        if timer is not None:
+            timer.lap(stage)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = prepare_derivation_sources(result)
@@ -177,26 +185,50 @@ def write_case_outputs(result: CaseResult, out_dir: Path, settings: PipelineSett
     if result.slices:
         seg_dataset = build_qc_seg(result, sources=sources)
         outputs["seg"] = (save_dataset(seg_dataset, out_dir / "qc-seg.dcm"), seg_dataset)
-    if timer is not None:
-        timer.lap("write_seg")
+    lap("write_seg")
     if settings.write_uncertainty_map:
         from qcgate.writers.pmap import build_qc_pmap, has_uncertainty_map
 
         if has_uncertainty_map(result):
             pmap = build_qc_pmap(result, sources=sources)
             outputs["pmap"] = (save_dataset(pmap, out_dir / "qc-uncertainty-pmap.dcm"), pmap)
-            if timer is not None:
-                timer.lap("write_pmap")
+            lap("write_pmap")
     sr = build_qc_sr(result, seg_dataset, sources=sources)
     outputs["sr"] = (save_dataset(sr, out_dir / "qc-sr.dcm"), sr)
-    if timer is not None:
-        timer.lap("write_sr")
+    lap("write_sr")
+    # The threshold model's SYNTHETIC flag (its manifest) is not in CaseResult: ask the loaded model.
+    model_synthetic = False
+    if settings.write_report or settings.write_pdf or settings.write_secondary_capture:
+        try:
+            model_synthetic = bool(getattr(load_threshold_model(settings.model), "synthetic", False))
+        except Exception:  # noqa: BLE001 - a model that cannot be named here only loses the banner's model half
+            LOG.warning("model %s: could not read its synthetic flag; banners follow the data only", settings.model)
+    if settings.write_secondary_capture:
+        from qcgate.writers.sc import build_qc_sc_series, sc_file_name, sc_output_kind
+
+        for sc in build_qc_sc_series(result, image_hu, sources=sources, model_synthetic=model_synthetic):
+            number = int(sc.InstanceNumber)
+            outputs[sc_output_kind(number)] = (save_dataset(sc, out_dir / "sc" / sc_file_name(number)), sc)
+        lap("write_sc")
+    plot_png = None
+    if (settings.write_report or settings.write_pdf) and len(result.slices) >= 2:
+        from qcgate.report.content import tau_q_plot_png
+
+        plot_png = tau_q_plot_png(result)
     if settings.write_report:
         from qcgate.report.html import write_case_report
 
-        outputs["report"] = (write_case_report(result, out_dir / "report.html", image_hu), None)
-        if timer is not None:
-            timer.lap("write_report")
+        outputs["report"] = (write_case_report(result, out_dir / "report.html", image_hu, model_synthetic=model_synthetic,
+                                               plot_png=plot_png), None)
+        lap("write_report")
+    if settings.write_pdf:
+        from qcgate.report.pdf import render_case_pdf
+        from qcgate.writers.pdf import build_qc_pdf
+
+        document = render_case_pdf(result, image_hu, model_synthetic=model_synthetic, plot_png=plot_png)
+        pdf = build_qc_pdf(result, document, sources=sources, model_synthetic=model_synthetic)
+        outputs["pdf"] = (save_dataset(pdf, out_dir / "qc-report-pdf.dcm"), pdf)
+        lap("write_pdf")
     return outputs
 
 

@@ -1,27 +1,23 @@
-"""A per-case HTML report: slice thumbnails with the AI outline and the uncertainty map, the verdict
-per slice, and tau against q across slices. Self-contained (images inlined), no patient names."""
+"""A per-case HTML report: study context, what τ, q and the band mean, a legend, tau against q across
+slices, a table with the key features, and slice thumbnails with the AI outline and the uncertainty map
+(one fixed scale, with its colour bar). Self-contained (images inlined), no patient names. The PDF
+(``qcgate.report.pdf``) says the same from the same ``qcgate.report.content``."""
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from qcgate.core.results import CaseResult, SliceResult, Verdict
+from qcgate.core.results import CaseResult, Verdict
+from qcgate.report import content
+from qcgate.report.content import COLOURS as _COLOURS
 
-_COLOURS = {Verdict.ACCEPT: "#2e7d32", Verdict.REVIEW: "#f9a825", Verdict.REJECT: "#c62828"}
-_MAX_THUMBNAILS = 120
-
-
-def _png(figure) -> str:  # type: ignore[no-untyped-def]
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+_MAX_THUMBNAILS = content.MAX_THUMBNAILS
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
@@ -36,100 +32,85 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it."""
-    padded = np.pad(mask, 1)
-    interior = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
-def _thumbnail(item: SliceResult, image_hu: np.ndarray | None) -> str:
-    """Two panels side by side: CT (lung window) with the AI outline in the verdict's colour, and
-    the uncertainty map (or the mask when there is none), each a lesion-centred crop scaled ×2."""
-    rows, cols = np.nonzero(item.ai_mask)
-    pad = 24
-    r0, r1 = max(int(rows.min()) - pad, 0), min(int(rows.max()) + pad + 1, item.ai_mask.shape[0])
-    c0, c1 = max(int(cols.min()) - pad, 0), min(int(cols.max()) + pad + 1, item.ai_mask.shape[1])
-    mask = item.ai_mask[r0:r1, c0:c1]
-    if image_hu is not None:
-        grey = ((np.clip(image_hu[r0:r1, c0:c1], -1350, 150) + 1350) / 1500 * 255).astype(np.uint8)
-    else:
-        grey = np.where(mask, 160, 40).astype(np.uint8)
-    left = np.repeat(grey[..., None], 3, axis=2)
-    colour = np.array([int(_COLOURS[item.verdict][i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
-    left[_outline(mask)] = colour
-    if item.uncertainty_map is not None:
-        um = item.uncertainty_map[r0:r1, c0:c1]
-        scaled = np.clip(um / max(float(um.max()), 1e-6), 0, 1)
-        # black -> red -> yellow, a simple "hot" map
-        right = np.stack([np.clip(scaled * 2, 0, 1), np.clip(scaled * 2 - 1, 0, 1), np.zeros_like(scaled)], axis=2)
-        right = (right * 255).astype(np.uint8)
-    else:
-        right = np.repeat(np.where(mask, 200, 30).astype(np.uint8)[..., None], 3, axis=2)
-    gap = np.full((mask.shape[0], 4, 3), 255, np.uint8)
-    panel = np.concatenate([left, gap, right], axis=1)
-    panel = np.repeat(np.repeat(panel, 2, axis=0), 2, axis=1)
-    return base64.b64encode(_png_bytes(np.ascontiguousarray(panel))).decode("ascii")
+_STYLE = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:1100px;color:#222}"
+    "td,th{padding:2px 8px;text-align:right;vertical-align:top}th{background:#eee}"
+    "table.ctx td{text-align:left}table.ctx td:first-child{color:#555;white-space:nowrap}"
+    "td.kf{text-align:left;font-size:85%;color:#444}"
+    ".v{font-weight:bold}figure{display:inline-block;margin:6px;vertical-align:top}figcaption{font-size:85%;max-width:330px}"
+    ".banner{background:#c62828;color:#fff;font-weight:bold;padding:6px 12px;font-size:110%}"
+    ".explain{background:#f5f7fb;border-left:4px solid #1565c0;padding:6px 12px}"
+    "dl.legend{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:90%}dl.legend dt{font-weight:bold}"
+    ".bar{display:inline-block;width:160px;height:12px;vertical-align:middle;"
+    "background:linear-gradient(to right,#000 0%,#f00 50%,#ff0 100%);border:1px solid #999}"
+)
 
 
-def _tau_q_plot(result: CaseResult) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 2.6))
-    index = [s.slice_index for s in result.slices]
-    tau = np.array([s.tau for s in result.slices])
-    margin = np.array([s.margin for s in result.slices])
-    axis.plot(index, tau, "-", color="#1565c0", label="τ (image-specific threshold)")
-    axis.fill_between(index, tau - margin, tau + margin, color="#1565c0", alpha=0.15, label="τ ± margin")
-    for item in result.slices:
-        if item.q is not None:
-            axis.plot(item.slice_index, item.q, "o", color=_COLOURS[item.verdict], markersize=4)
-    axis.set_xlabel("slice index")
-    axis.set_ylabel("Dice")
-    axis.set_ylim(0, 1.02)
-    axis.legend(fontsize=7, loc="lower left")
-    encoded = _png(figure)
-    plt.close(figure)
-    return encoded
-
-
-def write_case_report(result: CaseResult, out_path: Path, image_hu: np.ndarray | None = None) -> Path:
-    """Write the report for ``result``; ``image_hu`` (slices, rows, cols) adds CT under the outlines."""
+def render_case_report(result: CaseResult, image_hu: np.ndarray | None = None, *, model_synthetic: bool = False,
+                       plot_png: bytes | None = None) -> str:
+    """The report as one HTML string (see the module docstring); ``plot_png``: the τ/q plot already
+    rendered (``content.tau_q_plot_png``, shared with the PDF), else rendered here."""
+    esc = html.escape
     counts = {v: sum(s.verdict is v for s in result.slices) for v in Verdict}
     colour = _COLOURS[result.series_verdict]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>qcgate QC report</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em}td,th{padding:2px 8px;text-align:right}"
-        ".v{font-weight:bold}figure{display:inline-block;margin:4px}</style></head><body>",
+    ordered = sorted(result.slices, key=lambda s: s.slice_index)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>qcgate QC report</title><style>{_STYLE}</style></head><body>"]
+    if content.is_synthetic(result, model_synthetic):
+        parts.append("<div class='banner'>SYNTHETIC: the data or the threshold model of this case are synthetic "
+                     "(qcgate demo); not for clinical use.</div>")
+    parts += [
         f"<h1>Segmentation QC: <span style='color:{colour}'>{result.series_verdict.value.upper()}</span></h1>",
-        f"<p>Series {html.escape(str(result.ct_datasets[0].SeriesInstanceUID))}: {len(result.slices)} lesion slices, "
-        f"{counts[Verdict.ACCEPT]} accepted, {counts[Verdict.REVIEW]} to review, {counts[Verdict.REJECT]} rejected.</p>",
-        f"<p>Policy: {html.escape(result.series_policy)}.<br>Threshold model: {html.escape(result.model_name)} "
-        f"{html.escape(result.model_version)}; quality source: {html.escape(result.q_source)}; "
-        f"{result.n_members} ensemble member(s); uncertainty map {'used' if result.uses_uncertainty else 'not used'}.</p>",
+        f"<p>{len(result.slices)} lesion slice(s): {counts[Verdict.ACCEPT]} accepted, {counts[Verdict.REVIEW]} "
+        f"need review, {counts[Verdict.REJECT]} rejected. Policy: {esc(result.series_policy)}.</p>",
+        "<table class='ctx'>" + "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in content.study_context(result)) + "</table>",
+        f"<p class='explain'>{esc(content.EXPLANATION)}</p>",
     ]
     if result.notes:
-        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>")
-    if result.slices:
-        parts.append(f"<img alt='tau and q per slice' src='data:image/png;base64,{_tau_q_plot(result)}'>")
-        parts.append("<table><tr><th>slice</th><th>τ</th><th>q</th><th>margin</th><th>area mm²</th><th>verdict</th></tr>")
-        for item in result.slices:
-            q = "—" if item.q is None else f"{item.q:.3f}"
-            parts.append(f"<tr><td>{item.slice_index}</td><td>{item.tau:.3f}</td><td>{q}</td><td>{item.margin:.3f}</td>"
-                         f"<td>{item.lesion_area_mm2:.1f}</td><td class='v' style='color:{_COLOURS[item.verdict]}'>{item.verdict.value}</td></tr>")
+        parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
+    if ordered:
+        plot = plot_png if plot_png is not None else content.tau_q_plot_png(result)
+        if plot is not None:
+            parts.append(f"<img alt='tau, band and q per slice' style='width:640px' src='data:image/png;base64,{_b64(plot)}'>")
+        parts.append("<table><tr><th>CT image</th><th>z (mm)</th><th>τ</th><th>q</th><th>band τ ± m</th>"
+                     "<th>area mm²</th><th>verdict</th><th style='text-align:left'>key features (moved τ most)</th></tr>")
+        for item in ordered:
+            label = content.slice_label(item.source_image)
+            q = "unknown" if item.q is None or item.q != item.q else f"{item.q:.3f}"
+            number = "?" if label.instance_number is None else str(label.instance_number)
+            z = "—" if label.z_mm is None else f"{label.z_mm:.1f}"
+            parts.append(f"<tr><td>{number}</td><td>{z}</td><td>{item.tau:.3f}</td><td>{q}</td>"
+                         f"<td>{item.tau - item.margin:.3f} – {item.tau + item.margin:.3f}</td>"
+                         f"<td>{item.lesion_area_mm2:.1f}</td><td class='v' style='color:{_COLOURS[item.verdict]}'>"
+                         f"{content.VERDICT_WORDS[item.verdict]}</td><td class='kf'>{esc(content.key_feature_text(item))}</td></tr>")
         parts.append("</table><h2>Lesion slices</h2>")
-        for item in result.slices[:_MAX_THUMBNAILS]:
+        has_um = any(item.uncertainty_map is not None for item in ordered)
+        if has_um:
+            parts.append(f"<p>Uncertainty map scale (all thumbnails): 0 <span class='bar'></span> {content.UM_SCALE_MAX} "
+                         "(members' pixel-wise standard deviation)</p>")
+        for item in ordered[:_MAX_THUMBNAILS]:
             slice_image = image_hu[item.slice_index] if image_hu is not None else None
-            parts.append(f"<figure><img src='data:image/png;base64,{_thumbnail(item, slice_image)}'>"
-                         f"<figcaption>slice {item.slice_index}: {item.verdict.value} (left: CT and AI outline; "
-                         f"right: {'uncertainty map' if item.uncertainty_map is not None else 'mask'})</figcaption></figure>")
-        if len(result.slices) > _MAX_THUMBNAILS:
-            parts.append(f"<p>… {len(result.slices) - _MAX_THUMBNAILS} more slices in the table above.</p>")
+            label = content.slice_label(item.source_image)
+            png = _png_bytes(content.thumbnail(item, slice_image))
+            parts.append(f"<figure><img src='data:image/png;base64,{_b64(png)}'>"
+                         f"<figcaption><b>CT {esc(label.text)}</b>: <span style='color:{_COLOURS[item.verdict]}'>"
+                         f"{content.VERDICT_WORDS[item.verdict]}</span> (left: CT and AI outline; right: "
+                         f"{'uncertainty map' if item.uncertainty_map is not None else 'mask'})</figcaption></figure>")
+        if len(ordered) > _MAX_THUMBNAILS:
+            parts.append(f"<p>… {len(ordered) - _MAX_THUMBNAILS} more slices in the table above.</p>")
     else:
         parts.append("<p>No lesion was segmented.</p>")
+    parts.append("<h2>Legend</h2><dl class='legend'>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in content.LEGEND) + "</dl>")
     parts.append("</body></html>")
-    out_path.write_text("\n".join(parts), encoding="utf-8")
+    return "\n".join(parts)
+
+
+def write_case_report(result: CaseResult, out_path: Path, image_hu: np.ndarray | None = None, *,
+                      model_synthetic: bool = False, plot_png: bytes | None = None) -> Path:
+    """Write the report for ``result``; ``image_hu`` (slices, rows, cols) adds CT under the outlines;
+    ``model_synthetic``: the threshold model is synthetic (SYNTHETIC banner)."""
+    out_path.write_text(render_case_report(result, image_hu, model_synthetic=model_synthetic, plot_png=plot_png), encoding="utf-8")
     return out_path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, func, select
@@ -251,8 +252,39 @@ def vendor_summary(session: Session, filters: AuditFilters) -> list[dict[str, An
     return rows
 
 
-def case_detail(session: Session, case_id: int) -> dict[str, Any] | None:
-    """One case slice by slice: tau, q, margin, verdict and key features; outputs and deliveries."""
+def slice_locations(session: Session, case_id: int, spool_root: Path | None) -> dict[str, tuple[int | None, float | None]]:
+    """{SOP Instance UID: (InstanceNumber, z mm)} of a case's CT images, read from the spooled headers
+    (two tags each, no pixels); empty without a spool root, None values where a file is gone (retention).
+
+    The slice numbering of every output is the CT InstanceNumber with its z position; slice_results
+    keeps the SOP Instance UID, and the spooled header is the source of truth for the rest."""
+    if spool_root is None:
+        return {}
+    import pydicom
+
+    found: dict[str, tuple[int | None, float | None]] = {}
+    rows = session.execute(select(Instance.sop_instance_uid, Instance.spool_path).where(
+        Instance.case_id == case_id, Instance.sop_class_uid != str(SEGMENTATION_STORAGE))).all()
+    for uid, path in rows:
+        number: int | None = None
+        z: float | None = None
+        try:
+            ds = pydicom.dcmread(Path(spool_root) / path, stop_before_pixels=True,
+                                 specific_tags=["InstanceNumber", "ImagePositionPatient"])
+            number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+            position = ds.get("ImagePositionPatient")
+            z = float(position[2]) if position is not None and len(position) == 3 else None
+        except (OSError, ValueError, TypeError, pydicom.errors.InvalidDicomError):
+            pass
+        found[str(uid)] = (number, z)
+    return found
+
+
+def case_detail(session: Session, case_id: int, spool_root: Path | None = None) -> dict[str, Any] | None:
+    """One case slice by slice: tau, q, margin, verdict and key features; outputs and deliveries.
+
+    ``spool_root``: the spool (DataLayout.spool); each slice then has ``instance_number`` and ``z_mm``
+    of its CT image (the numbering of the SR, the report, the SC and the PDF)."""
     case = session.get(Case, case_id)
     if case is None:
         return None
@@ -260,6 +292,7 @@ def case_detail(session: Session, case_id: int) -> dict[str, Any] | None:
     slices = session.scalars(select(SliceResultRecord).where(SliceResultRecord.case_id == case_id).order_by(SliceResultRecord.slice_index)).all()
     outputs = session.scalars(select(Output).where(Output.case_id == case_id).order_by(Output.id)).all()
     deliveries = list_deliveries(session, case_id=case_id)
+    locations = slice_locations(session, case_id, spool_root) if slices else {}
     return {
         "case_id": case.id, "state": case.state, "reason": case.reason, "series_verdict": case.series_verdict,
         "study_instance_uid": case.study_instance_uid, "ct_series_uid": case.ct_series_uid,
@@ -268,7 +301,9 @@ def case_detail(session: Session, case_id: int) -> dict[str, Any] | None:
         "notes": case.notes, "processed_at": _iso(case.processed_at),
         "job": None if job is None else {"id": job.id, "state": job.state, "attempts": job.attempts, "error": job.error,
                                           "timings": json.loads(job.timings) if job.timings else None},
-        "slices": [{"slice_index": s.slice_index, "sop_instance_uid": s.sop_instance_uid, "tau": s.tau, "q": s.q,
+        "slices": [{"instance_number": locations.get(s.sop_instance_uid, (None, None))[0],
+                    "z_mm": locations.get(s.sop_instance_uid, (None, None))[1],
+                    "slice_index": s.slice_index, "sop_instance_uid": s.sop_instance_uid, "tau": s.tau, "q": s.q,
                     "margin": s.margin, "verdict": s.verdict, "lesion_area_mm2": s.lesion_area_mm2,
                     "um_mean": s.um_mean, "key_features": json.loads(s.key_features) if s.key_features else {}} for s in slices],
         "outputs": [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": o.path} for o in outputs],

@@ -2,10 +2,12 @@
 
 Standard concepts (verified against ``pydicom.sr.codedict.codes``):
 
-* DCM 111050 "Quality Assessment" with the values of CID 6044 (Image Quality Assessment) carries the
-  verdict: accept -> DCM 111237 "Usable - Meets the quality control standard", review -> DCM 111236
-  "Usable - Does not meet the quality control standard", reject -> DCM 111235 "Unusable - Quality renders
-  image unusable". The subject of the assessment is the AI segmentation on that slice (the measurement
+* DCM 111050 "Quality Assessment" carries the verdict: accept -> DCM 111237 "Usable - Meets the
+  quality control standard" and reject -> DCM 111235 "Unusable - Quality renders image unusable" (CID
+  6044); review -> 99QCGATE NEEDSREVIEW "Needs review", because the closest standard value (DCM 111236
+  "Usable - Does not meet the quality control standard") reads as a failure in a worklist while review
+  means "not shown either way: a person decides". SRs written before this change carry DCM 111236 for
+  review; ``verdict_from_code`` still reads it. The subject of the assessment is the AI segmentation on that slice (the measurement
   group's subject), not the CT image itself; docs/CODING_SCHEME.md states the mapping.
 * DCM 111051 "Quality Control Standard" = DCM 111240 "Institutionally defined quality control standard"
   says whose standard the verdict applies (the site's configured margin and policy).
@@ -39,7 +41,7 @@ def _private(value: str, meaning: str) -> Code:
 # --- standard concepts -----------------------------------------------------------------------------
 QUALITY_ASSESSMENT = codes.DCM.QualityAssessment  # DCM 111050
 QC_MEETS_STANDARD = codes.DCM.UsableMeetsTheQualityControlStandard  # DCM 111237
-QC_BELOW_STANDARD = codes.DCM.UsableDoesNotMeetTheQualityControlStandard  # DCM 111236
+QC_BELOW_STANDARD = codes.DCM.UsableDoesNotMeetTheQualityControlStandard  # DCM 111236 (read only: older SRs)
 QC_UNUSABLE = codes.DCM.UnusableQualityRendersImageUnusable  # DCM 111235
 QUALITY_CONTROL_STANDARD = codes.DCM.QualityControlStandard  # DCM 111051
 INSTITUTIONAL_QC_STANDARD = codes.DCM.InstitutionallyDefinedQualityControlStandard  # DCM 111240
@@ -52,24 +54,35 @@ LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # SCT 49755003
 LESION_TYPE = codes.SCT.Lesion  # SCT 52988006
 PROCEDURE_CT = codes.LN.CTUnspecifiedBodyRegion  # LN 25045-6
 
+UNIT_MM = codes.UCUM.Millimeter  # UCUM "mm"
 UNIT_RATIO = codes.UCUM.NoUnits  # UCUM "1"
 UNIT_MM2 = codes.UCUM.SquareMillimeter  # UCUM "mm2"
 UNIT_BIT = Code("bit", "UCUM", "bit")
 UNIT_SLICES = Code("{slices}", "UCUM", "slices")
 UNIT_MEMBERS = Code("{members}", "UCUM", "ensemble members")
 
+#: "review": a person decides (not a failure), a value of DCM 111050 in the private scheme.
+NEEDS_REVIEW = _private("NEEDSREVIEW", "Needs review")
+
 #: The verdict as a value of DCM 111050 "Quality Assessment".
 VERDICT_CODES: dict[Verdict, Code] = {
     Verdict.ACCEPT: QC_MEETS_STANDARD,
-    Verdict.REVIEW: QC_BELOW_STANDARD,
+    Verdict.REVIEW: NEEDS_REVIEW,
     Verdict.REJECT: QC_UNUSABLE,
 }
 
+#: Values read back as a verdict that qcgate no longer writes (SRs of earlier versions).
+_LEGACY_VERDICT_CODES: dict[tuple[str, str], Verdict] = {("DCM", QC_BELOW_STANDARD.value): Verdict.REVIEW}
 
-def verdict_from_code(value: str, scheme_designator: str = "DCM") -> Verdict:
-    """The verdict a Quality Assessment value stands for (inverse of ``VERDICT_CODES``)."""
+
+def verdict_from_code(value: str, scheme_designator: str | None = None) -> Verdict:
+    """The verdict a Quality Assessment value stands for (inverse of ``VERDICT_CODES``; also reads
+    DCM 111236, which earlier versions wrote for review). ``scheme_designator`` None: any scheme."""
     for verdict, code in VERDICT_CODES.items():
-        if code.value == value and code.scheme_designator == scheme_designator:
+        if code.value == value and scheme_designator in (None, code.scheme_designator):
+            return verdict
+    for (scheme, legacy_value), verdict in _LEGACY_VERDICT_CODES.items():
+        if legacy_value == value and scheme_designator in (None, scheme):
             return verdict
     raise KeyError(f"({scheme_designator}, {value}) is not a qcgate verdict code")
 
@@ -88,6 +101,10 @@ ENSEMBLE_MEMBERS = _private("NMEMBERS", "Number of ensemble members")
 Q_SOURCE = _private("QSOURCE", "Source of the quality estimate")
 UNCERTAINTY_USED = _private("UMUSED", "Uncertainty map used")
 UNCERTAINTY_MAP = _private("UMAP", "Ensemble uncertainty map (pixel-wise standard deviation)")
+# The one slice numbering of every output: the CT's InstanceNumber, with its position beside it.
+INSTANCE_NUMBER = _private("INSTNUM", "Source image Instance Number")
+SLICE_POSITION = _private("SLICEZ", "Source image position along the patient z axis")
+QC_SEG_SEGMENT = _private("QCSEGSEG", "QC SEG segment of the slice verdict")
 
 #: Values of ``Q_SOURCE`` (the strings CaseResult.q_source takes).
 Q_SOURCE_CODES: dict[str, Code] = {

@@ -75,3 +75,40 @@ def save_dataset(dataset: Dataset, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(out_path, enforce_file_format=True)
     return out_path
+
+
+def is_synthetic_case(result: CaseResult, model_synthetic: bool = False) -> bool:
+    """Whether the outputs must carry a SYNTHETIC banner: the source series or the threshold model is
+    synthetic (``model_synthetic``: the model's manifest flag, which CaseResult does not carry), or a
+    note of the job says so."""
+    return (model_synthetic or is_synthetic_source(result.ct_datasets)
+            or any("SYNTHETIC" in note.upper() for note in result.notes))
+
+
+@dataclass(frozen=True)
+class SliceLocation:
+    """The one slice numbering of every output: the CT's InstanceNumber, with its z position beside it."""
+
+    instance_number: int | None
+    z_mm: float | None
+
+    @property
+    def label(self) -> str:
+        """e.g. "image 23 (z -112.5 mm)"; "image ?" when the header has no InstanceNumber."""
+        number = "?" if self.instance_number is None else str(self.instance_number)
+        return f"image {number}" + ("" if self.z_mm is None else f" (z {self.z_mm:.1f} mm)")
+
+
+def slice_location(ds: Dataset) -> SliceLocation:
+    """InstanceNumber and ImagePositionPatient z of a CT header (None for what it lacks)."""
+    number = ds.get("InstanceNumber")
+    position = ds.get("ImagePositionPatient")
+    try:
+        instance_number = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        instance_number = None
+    try:
+        z_mm = float(position[2]) if position is not None and len(position) == 3 else None
+    except (TypeError, ValueError):
+        z_mm = None
+    return SliceLocation(instance_number, z_mm)

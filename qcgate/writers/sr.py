@@ -31,6 +31,7 @@ from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -39,7 +40,10 @@ from qcgate import __version__
 from qcgate.errors import InputError
 from qcgate.core.results import CaseResult, SliceResult, Verdict
 from qcgate.writers import codes as qc_codes
-from qcgate.writers.common import DerivationSources, is_synthetic_source, save_dataset, source_headers_for_derivation
+from qcgate.writers.common import (
+    DerivationSources, is_synthetic_source, save_dataset, slice_location, source_headers_for_derivation,
+)
+from qcgate.writers.contour import outer_contour
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,19 @@ def _ratio(name: Code, value: float) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=qc_codes.UNIT_RATIO)
 
 
-def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 group of one lesion slice."""
+def _location_measurements(item: SliceResult) -> list[hd.sr.Measurement]:
+    """InstanceNumber (99QCGATE INSTNUM) and z position (99QCGATE SLICEZ, mm) of the slice's CT image."""
+    location = slice_location(item.source_image)
+    found = []
+    if location.instance_number is not None:
+        found.append(hd.sr.Measurement(name=qc_codes.INSTANCE_NUMBER, value=float(location.instance_number), unit=qc_codes.UNIT_RATIO))
+    if location.z_mm is not None:
+        found.append(hd.sr.Measurement(name=qc_codes.SLICE_POSITION, value=float(location.z_mm), unit=qc_codes.UNIT_MM))
+    return found
+
+
+def _slice_items(item: SliceResult) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """tau, q (or "value unknown"), margin, area, UM statistics, location; the verdict."""
     measurements = [_ratio(qc_codes.TAU, item.tau)]
     evaluations = [hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_ASSESSMENT, value=qc_codes.VERDICT_CODES[item.verdict])]
     if item.q is not None and item.q == item.q:  # NaN counts as unknown, as in slice_verdict
@@ -92,11 +107,23 @@ def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification) ->
         if value == value:  # a NaN statistic (empty region) is left out rather than written as a number
             concept, unit = qc_codes.uncertainty_code(name)
             measurements.append(hd.sr.Measurement(name=concept, value=float(value), unit=unit))
+    measurements.extend(_location_measurements(item))
+    return measurements, evaluations
+
+
+def _tracking(item: SliceResult) -> hd.sr.TrackingIdentifier:
+    """One tracking identifier per lesion slice, shared by its TID 1501 and TID 1410 groups (the same
+    finding); named by the CT's InstanceNumber and z position, the numbering of every output."""
+    return hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"Lesion {slice_location(item.source_image).label}"[:64])
+
+
+def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification,
+                 tracking: hd.sr.TrackingIdentifier | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one lesion slice."""
+    measurements, evaluations = _slice_items(item)
     source = item.source_image
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"Lesion slice {item.slice_index + 1}",
-        ),
+        tracking_identifier=tracking or _tracking(item),
         finding_type=qc_codes.LESION_TYPE,
         finding_category=qc_codes.LESION_CATEGORY,
         method=qc_codes.QC_METHOD,
@@ -107,6 +134,59 @@ def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification) ->
             referenced_sop_class_uid=str(source.SOPClassUID), referenced_sop_instance_uid=str(source.SOPInstanceUID),
         )],
     )
+
+
+def qc_seg_segment_numbers(qc_seg: Dataset | None) -> dict[str, int]:
+    """{segment label: segment number} of a QC SEG (the verdict segments present)."""
+    if qc_seg is None or "SegmentSequence" not in qc_seg:
+        return {}
+    return {str(item.SegmentLabel): int(item.SegmentNumber) for item in qc_seg.SegmentSequence}
+
+
+def _segment_reference(item: SliceResult, qc_seg: Dataset | None, segments: dict[str, int]) -> hd.sr.ImageContentItem | None:
+    """An IMAGE item (99QCGATE QCSEGSEG) pointing at the QC SEG segment of this slice's verdict.
+
+    ReferencedSegmentNumber only: DICOM forbids it beside ReferencedFrameNumber (dciodvfy), and the
+    segment with the slice's source image identifies the frame."""
+    from qcgate.writers.seg import VERDICT_SEGMENT_STYLES
+
+    number = segments.get(VERDICT_SEGMENT_STYLES[item.verdict].label)
+    if qc_seg is None or number is None:
+        return None
+    return hd.sr.ImageContentItem(
+        name=qc_codes.QC_SEG_SEGMENT, referenced_sop_class_uid=str(qc_seg.SOPClassUID),
+        referenced_sop_instance_uid=str(qc_seg.SOPInstanceUID), referenced_segment_numbers=[number],
+        relationship_type="CONTAINS",
+    )
+
+
+def _outline_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification, tracking: hd.sr.TrackingIdentifier,
+                   segment: hd.sr.ImageContentItem | None) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """The TID 1410 group of one lesion slice: the AI mask's outer contour as a closed SCOORD POLYLINE
+    on the source CT image (what OHIF and other viewers display), with the same measurements and
+    verdict as the TID 1501 group, and the QC SEG segment of the verdict. None for an empty mask."""
+    points = outer_contour(item.ai_mask)
+    if points is None:
+        return None
+    source = item.source_image
+    measurements, evaluations = _slice_items(item)
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+            source_image=hd.sr.SourceImageForRegion(referenced_sop_class_uid=str(source.SOPClassUID),
+                                                    referenced_sop_instance_uid=str(source.SOPInstanceUID)),
+        ),
+        finding_type=qc_codes.LESION_TYPE,
+        finding_category=qc_codes.LESION_CATEGORY,
+        method=qc_codes.QC_METHOD,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    if segment is not None:  # TID 1410 takes a region or a segment, not both: the segment as an extra item
+        group[0].ContentSequence.append(segment)
+    return group
 
 
 def _count(name: Code, value: int, unit: Code) -> hd.sr.Measurement:
@@ -177,7 +257,22 @@ def build_qc_sr(
             raise InputError(f"QC SR: slice {item.slice_index} references an image that is not in the CT series")
 
     algorithm = _algorithm(result)
-    groups = [_slice_group(item, algorithm) for item in sorted(result.slices, key=lambda s: s.slice_index)]
+    segment_numbers = qc_seg_segment_numbers(qc_seg)
+    groups: list[Dataset] = []
+    outlines: list[Dataset] = []
+    for item in sorted(result.slices, key=lambda s: s.slice_index):
+        tracking = _tracking(item)
+        slice_group = _slice_group(item, algorithm, tracking)
+        segment = _segment_reference(item, qc_seg, segment_numbers)
+        if segment is not None:
+            slice_group[0].ContentSequence.append(segment)
+        groups.append(slice_group)
+        # the same finding: same tracking UID and identifier (fresh items, not shared ones)
+        same = hd.sr.TrackingIdentifier(uid=str(tracking[1].UID), identifier=str(tracking[0].TextValue))
+        outline = _outline_group(item, algorithm, same, _segment_reference(item, qc_seg, segment_numbers))
+        if outline is not None:
+            outlines.append(outline)
+    groups.extend(outlines)  # TID 1501 groups first (as before), then the TID 1410 outlines
     groups.append(_summary_group(result, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
@@ -230,6 +325,10 @@ class SliceReport:
     verdict: Verdict
     lesion_area_mm2: float
     uncertainty: dict[str, float] = field(default_factory=dict)
+    instance_number: int | None = None  # the CT's InstanceNumber (99QCGATE INSTNUM)
+    z_mm: float | None = None  # its z position (99QCGATE SLICEZ)
+    outline: list[tuple[float, float]] | None = None  # SCOORD POLYLINE (column, row) of the TID 1410 group
+    qc_seg_segment: int | None = None  # the QC SEG segment number referenced (99QCGATE QCSEGSEG)
 
 
 @dataclass
@@ -263,11 +362,34 @@ def _verdict(code: hd.sr.CodedConcept | None) -> Verdict:
     return qc_codes.verdict_from_code(code.value, code.scheme_designator)
 
 
+def _segment_number(group: Dataset) -> int | None:
+    for content in group[0].ContentSequence:
+        concept = content.ConceptNameCodeSequence[0]
+        if content.ValueType == "IMAGE" and concept.CodeValue == qc_codes.QC_SEG_SEGMENT.value:
+            numbers = content.ReferencedSOPSequence[0].get("ReferencedSegmentNumber")
+            if numbers is not None:
+                return int(numbers[0]) if isinstance(numbers, MultiValue) else int(numbers)
+    return None
+
+
+def _outlines(report: hd.sr.MeasurementReport) -> dict[str, list[tuple[float, float]]]:
+    """{source SOP Instance UID: polyline points} of the TID 1410 lesion outline groups."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for group in report.get_planar_roi_measurement_groups(finding_type=qc_codes.LESION_TYPE):
+        region = group.roi
+        if region is None or not hasattr(region, "value"):
+            continue
+        points = [(float(x), float(y)) for x, y in region.value]
+        found[str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] = points
+    return found
+
+
 def read_qc_sr(path: Path) -> QcReport:
     """Read a QC SR written by ``write_qc_sr`` back with highdicom (``srread``)."""
     sr = hd.sr.srread(path)
     report: hd.sr.MeasurementReport = sr.content
     slices: list[SliceReport] = []
+    outlines = _outlines(report)
     for group in report.get_image_measurement_groups(finding_type=qc_codes.LESION_TYPE):
         uncertainty: dict[str, float] = {}
         for measurement in group.get_measurements():
@@ -276,8 +398,14 @@ def read_qc_sr(path: Path) -> QcReport:
                 if name is not None:
                     uncertainty[name] = float(measurement.value)
         sources: Sequence[hd.sr.SourceImageForMeasurementGroup] = group.source_images
+        uid = str(sources[0].referenced_sop_instance_uid)
+        number = _single_value(group, qc_codes.INSTANCE_NUMBER)
         slices.append(SliceReport(
-            sop_instance_uid=str(sources[0].referenced_sop_instance_uid),
+            sop_instance_uid=uid,
+            instance_number=None if number is None else int(round(number)),
+            z_mm=_single_value(group, qc_codes.SLICE_POSITION),
+            outline=outlines.get(uid),
+            qc_seg_segment=_segment_number(group),
             tau=float(_single_value(group, qc_codes.TAU)),
             q=_single_value(group, qc_codes.Q_ESTIMATE),
             margin=float(_single_value(group, qc_codes.MARGIN)),

@@ -38,10 +38,15 @@ def test_private_code_values_are_unique() -> None:
 def test_verdict_codes_are_the_standard_quality_assessment_values() -> None:
     # the meanings come from pydicom's DCM dictionary, not from our own strings
     assert (qc_codes.QUALITY_ASSESSMENT.value, qc_codes.QUALITY_ASSESSMENT.meaning) == ("111050", "Quality Assessment")
-    assert {v: c.value for v, c in qc_codes.VERDICT_CODES.items()} == {
-        Verdict.ACCEPT: "111237", Verdict.REVIEW: "111236", Verdict.REJECT: "111235"}
+    # review is "needs review" in our scheme (issue 10): DCM 111236 read like a failure in a worklist
+    assert {v: (c.scheme_designator, c.value) for v, c in qc_codes.VERDICT_CODES.items()} == {
+        Verdict.ACCEPT: ("DCM", "111237"), Verdict.REVIEW: (qc_codes.PRIVATE_SCHEME, "NEEDSREVIEW"),
+        Verdict.REJECT: ("DCM", "111235")}
+    assert qc_codes.VERDICT_CODES[Verdict.REVIEW].meaning == "Needs review"
     for verdict, code in qc_codes.VERDICT_CODES.items():
+        assert qc_codes.verdict_from_code(code.value, code.scheme_designator) is verdict
         assert qc_codes.verdict_from_code(code.value) is verdict
+    assert qc_codes.verdict_from_code("111236", "DCM") is Verdict.REVIEW  # SRs of earlier versions still read
 
 
 def test_unknown_uncertainty_metric_gets_a_stable_short_code() -> None:

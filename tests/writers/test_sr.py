@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 
@@ -46,7 +47,8 @@ def _assert_groups_round_trip(path: Path, case: WriterCase) -> hd.sr.Measurement
             assert q_measurements[0].value == pytest.approx(item.q, abs=1e-12)
             assert q_unknown == []
         verdict_code = group.get_qualitative_evaluations(name=qc_codes.QUALITY_ASSESSMENT)[0].value
-        assert (verdict_code.scheme_designator, verdict_code.value) == ("DCM", qc_codes.VERDICT_CODES[item.verdict].value)
+        expected = qc_codes.VERDICT_CODES[item.verdict]  # review: 99QCGATE NEEDSREVIEW (issue 10), not DCM 111236
+        assert (verdict_code.scheme_designator, verdict_code.value) == (expected.scheme_designator, expected.value)
         um_codes = {m.name.value for m in group.get_measurements() if m.name.value.startswith("UM")}
         assert um_codes == {qc_codes.uncertainty_code(name)[0].value for name in (item.uncertainty or {})}
     return report
@@ -128,3 +130,59 @@ def test_unknown_q_source_is_coded_as_other_and_named(synthetic_case: WriterCase
     summary = report.get_image_measurement_groups(finding_type=qc_codes.SERIES_QC_FINDING)[0]
     assert summary.get_qualitative_evaluations(name=qc_codes.Q_SOURCE)[0].value.value == qc_codes.Q_SOURCE_OTHER.value
     assert "q source: site-regressor-v2" in read_qc_sr(path).notes
+
+
+def _boundary_centres(mask: np.ndarray) -> np.ndarray:
+    """(column, row) DICOM pixel coordinates of the centres of the mask's boundary pixels."""
+    padded = np.pad(mask, 1)
+    interior = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    rows, cols = np.nonzero(mask & ~interior)
+    return np.stack([cols + 0.5, rows + 0.5], axis=1)
+
+
+def test_sr_outlines_lie_on_the_lesion_boundary_and_reference_the_qc_seg_segment(synthetic_case: WriterCase, tmp_path: Path) -> None:
+    """Issue 10: a TID 1410 group per slice, SCOORD POLYLINE on the source image, the verdict's QC SEG
+    segment, and the CT InstanceNumber and z in every per-slice group."""
+    from qcgate.writers.common import slice_location
+    from qcgate.writers.seg import VERDICT_SEGMENT_STYLES
+
+    seg_path = write_qc_seg(synthetic_case.result, tmp_path / "qc-seg.dcm")
+    qc_seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    path = write_qc_sr(synthetic_case.result, tmp_path / "qc-sr.dcm", qc_seg=qc_seg)
+    assert dciodvfy_errors(path) == []
+    report = hd.sr.srread(path).content
+    rois = report.get_planar_roi_measurement_groups(finding_type=qc_codes.LESION_TYPE)
+    assert len(rois) == len(synthetic_case.result.slices)
+    segment_of = {str(item.SegmentLabel): int(item.SegmentNumber) for item in qc_seg.SegmentSequence}
+    read = {s.sop_instance_uid: s for s in read_qc_sr(path).slices}
+    for item in synthetic_case.result.slices:
+        uid = str(item.source_image.SOPInstanceUID)
+        back = read[uid]
+        location = slice_location(item.source_image)
+        assert location.instance_number is not None and back.instance_number == location.instance_number
+        assert back.z_mm == pytest.approx(location.z_mm)
+        assert back.qc_seg_segment == segment_of[VERDICT_SEGMENT_STYLES[item.verdict].label]
+        points = np.asarray(back.outline)
+        assert 4 <= len(points) <= 200 and np.allclose(points[0], points[-1])  # closed
+        boundary = _boundary_centres(item.ai_mask)
+        distance = np.sqrt(((points[:, None, :] - boundary[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+        assert distance.max() <= 1.0, f"a point is {distance.max():.2f} px from the boundary of {uid}"
+    for group in rois:  # both kinds of per-slice group carry the numbering
+        assert group.get_measurements(name=qc_codes.INSTANCE_NUMBER) and group.get_measurements(name=qc_codes.SLICE_POSITION)
+        assert str(group.tracking_identifier).startswith("Lesion image ")
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+
+
+def test_outline_is_capped_and_stays_on_a_large_boundary() -> None:
+    from qcgate.writers.contour import outer_contour
+
+    yy, xx = np.mgrid[:512, :512]
+    mask = (yy - 250) ** 2 / 200**2 + (xx - 260) ** 2 / 150**2 <= 1
+    mask[240:260, 100:200] = False  # a notch, and an island that is not the outer contour
+    mask[10:14, 10:14] = True
+    points = outer_contour(mask)
+    assert len(points) <= 200 and np.allclose(points[0], points[-1])
+    boundary = _boundary_centres(mask)
+    distance = np.sqrt(((points[:, None, :] - boundary[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+    assert distance.max() <= 1.0
+    assert points[:, 0].min() > 100  # the island at (10, 10) is not traced
