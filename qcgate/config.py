@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qcgate.core.dicom import AE_MAX_LENGTH
 from qcgate.core.layout import DataLayout
 from qcgate.errors import ConfigError
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, ≤16 chars
+_AE_TITLE = re.compile(rf"^[\x20-\x5b\x5d-\x7e]{{1,{AE_MAX_LENGTH}}}$")  # DICOM AE VR: no backslash, ≤16 chars
 
 
 class _Section(BaseModel):
@@ -26,7 +27,7 @@ class _Section(BaseModel):
 def _check_ae_title(value: str) -> str:
     stripped = value.strip()
     if not stripped or not _AE_TITLE.match(value):
-        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+        raise ValueError(f"{value!r} is not a valid AE title (1-{AE_MAX_LENGTH} printable characters, no backslash)")
     return stripped
 
 
@@ -60,7 +61,8 @@ class NodeSettings(_Section):
     max_associations: int = Field(default=16, ge=1, le=1024)
     max_pdu_bytes: int = Field(default=4_194_304, ge=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
-    accept_enhanced_ct: bool = True
+    # Off by default: the QC worker does not process Enhanced (multi-frame) CT yet; such jobs would fail.
+    accept_enhanced_ct: bool = False
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
@@ -134,7 +136,7 @@ class PipelineSettings(_Section):
         return value
 
 
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+_DESTINATION = re.compile(rf"^(?P<ae>[^@]{{1,{AE_MAX_LENGTH}}})@(?P<host>[^:@]+):(?P<port>\d{{1,5}})$")
 
 
 class Destination(BaseModel):
@@ -160,9 +162,15 @@ class DeliverySettings(_Section):
     """Where the SEG and SR go, and how hard to try."""
 
     destinations: list[str] = Field(default_factory=list, description="AE@HOST:PORT entries")
-    max_attempts: int = Field(default=8, ge=1)
+    dead_letter_after_hours: float = Field(
+        default=72.0, gt=0,
+        description="a delivery that keeps failing transiently becomes a dead letter only once it has waited this long")
+    max_attempts: int | None = Field(
+        default=None, ge=1,
+        description="deprecated and ignored (a config that sets it still loads): transient failures are retried "
+                    "until dead_letter_after_hours; the outbox logs a warning when it is set")
     backoff_base_seconds: float = Field(default=5.0, gt=0)
-    backoff_max_seconds: float = Field(default=900.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0, description="the cap on the delay between two tries")
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
 
@@ -181,6 +189,9 @@ class ObservabilitySettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535, description="0: any free port")
+    failed_jobs_unhealthy: int = Field(default=5, ge=1, description="/healthz fails when this many of the latest jobs all failed")
+    dead_letters_unhealthy: int = Field(default=10, ge=1, description="/healthz fails when this many deliveries died within dead_letter_window_hours")
+    dead_letter_window_hours: float = Field(default=24.0, gt=0, description="how far back dead letters count for /healthz")
 
 
 class LoggingSettings(_Section):

@@ -9,18 +9,24 @@ import threading
 from sqlalchemy import text
 
 from qcgate.config import Settings
+from qcgate.errors import ConfigError
 from qcgate.delivery.outbox import Outbox
 from qcgate import systemd
 from qcgate.node.ingest import Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
+from qcgate.observability.health import latest_job_health, recent_dead_letters
 from qcgate.observability.http import ObservabilityServer
 from qcgate.observability.metrics import MetricsRegistry, render
 from qcgate.pipeline.assembler import AssemblerThread
 from qcgate.pipeline.dispatcher import Dispatcher
+from qcgate.predictors.artifacts import verify_configured_model
 from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
 
 LOG = logging.getLogger("qcgate.service")
+
+# Checks a restart would not fix: /healthz reports them, the watchdog ignores them.
+NOT_LIVENESS = ("disk_above_watermark", "model", "recent_jobs", "dead_letters")
 
 
 class GateService:
@@ -38,13 +44,15 @@ class GateService:
         self.assembler = AssemblerThread(self.session_factory, settings.assembly)
         # workers = 0: this node only queues jobs; `qcgate worker` processes run them elsewhere.
         self.dispatcher = Dispatcher(settings, self.session_factory) if settings.pipeline.workers > 0 else None
+        if self.dispatcher is not None:  # a typo'd model would otherwise fail every job as "internal error"
+            LOG.info("threshold model %s verified", verify_configured_model(settings))
         self.outbox = Outbox(settings.delivery, self.session_factory, self.spool.data_dir, settings.node.ae_title)
         self._stopped = threading.Event()
         observability = settings.observability
         self.http = ObservabilityServer(
             observability.host, observability.port,
             metrics=lambda: render(self.metrics, self.session_factory, self.is_alive),
-            health=self.health_checks,
+            health=self.health_checks, details=self.health_details,
         ) if observability.enabled else None
 
     def start(self) -> None:
@@ -60,7 +68,8 @@ class GateService:
             self.http.start()
 
     def health_checks(self) -> dict[str, bool]:
-        """Each liveness check: database reachable, spool writable, disk above the watermark, threads alive."""
+        """Each check: database reachable, spool writable, disk above the watermark, threads alive; and,
+        read from the database, the model still verifies, jobs are not all failing, deliveries not dying."""
         checks: dict[str, bool] = {}
         try:
             with self.engine.connect() as connection:
@@ -81,14 +90,38 @@ class GateService:
         checks["assembler"] = self.assembler.is_alive()
         checks["workers"] = self.dispatcher is None or self.dispatcher.is_alive()
         checks["delivery"] = all(worker.is_alive() for worker in self.outbox.workers)
+        if self.dispatcher is not None:
+            try:
+                verify_configured_model(self.settings)
+                checks["model"] = True
+            except ConfigError as exc:
+                LOG.error("health: %s", exc)
+                checks["model"] = False
+        details = self.health_details() if checks["database"] else {}
+        observability = self.settings.observability
+        checks["recent_jobs"] = bool(details) and details["latest_jobs_failed"] < observability.failed_jobs_unhealthy
+        checks["dead_letters"] = bool(details) and details["recent_dead_letters"] < observability.dead_letters_unhealthy
         return checks
 
+    def health_details(self) -> dict[str, int]:
+        """The numbers behind the database checks, shown beside them in /healthz."""
+        observability = self.settings.observability
+        try:
+            with self.session_factory() as session:
+                jobs = latest_job_health(session, observability.failed_jobs_unhealthy)
+                dead = recent_dead_letters(session, observability.dead_letter_window_hours)
+        except Exception as exc:  # the database check reports the outage itself
+            LOG.error("health: cannot read job and delivery facts: %s", exc)
+            return {}
+        # All of the latest N failed -> N; otherwise 0 (some recent job succeeded).
+        failing = jobs.failed if not jobs.healthy(observability.failed_jobs_unhealthy) else 0
+        return {"latest_jobs_failed": failing, "recent_dead_letters": dead}
+
     def is_alive(self) -> bool:
-        """Liveness for the watchdog: every check but the disk watermark passes. A full disk is
-        reported by /healthz and refused with A700, but restarting the process would not free space."""
+        """Liveness for the watchdog: every check but those in NOT_LIVENESS passes. A full disk, a
+        broken model, failing jobs or dead letters are reported by /healthz, but a restart fixes none."""
         checks = self.health_checks()
-        checks.pop("disk_above_watermark")
-        return all(checks.values())
+        return all(ok for name, ok in checks.items() if name not in NOT_LIVENESS)
 
     def run_forever(self) -> None:
         """Serve until SIGTERM/SIGINT, feeding the systemd watchdog while alive."""

@@ -42,7 +42,8 @@ def _postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+# PostgreSQL runs in the slow tier (`-m slow`); the fast tier uses the embedded SQLite.
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.slow])])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The audit database URL: empty for the embedded SQLite default, or a fresh PostgreSQL DB."""
     if request.param == "sqlite":
@@ -72,6 +73,8 @@ class RunningGate:
     http_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     _logs: list[Path] = field(default_factory=list)
+    _engine: Any = None
+    _session_factory: Any = None
 
     def start(self, timeout: float = 60) -> None:
         log = open(self.log_path, "ab")
@@ -93,6 +96,7 @@ class RunningGate:
         raise AssertionError(f"qcgate serve did not listen within {timeout}s:\n{self.log_text()}")
 
     def stop(self) -> None:
+        self._dispose()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -103,6 +107,7 @@ class RunningGate:
 
     def kill9(self) -> None:
         assert self.process is not None
+        self._dispose()
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
@@ -110,22 +115,56 @@ class RunningGate:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the `qcgate` CLI against this gate (for tests of the CLI itself; polls use the DB)."""
         return subprocess.run([sys.executable, "-m", "qcgate.cli", *args, "--config", str(self.config_path)],
                               capture_output=True, text=True, timeout=120)
 
+    def _sessions(self):  # type: ignore[no-untyped-def]
+        """A session factory on the gate's database, made once (not a CLI process per poll)."""
+        if self._session_factory is None:
+            from qcgate.config import load_settings
+            from qcgate.store.database import create_db_engine, make_session_factory
+
+            self._engine = create_db_engine(load_settings(self.config_path).database_url, must_exist=True)
+            self._session_factory = make_session_factory(self._engine)
+        return self._session_factory
+
+    def _dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        self._engine = self._session_factory = None
+
+    def _query(self, function, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
+        # Through JSON, as `qcgate audit ... --format json` prints it.
+        with self._sessions()() as session:
+            return json.loads(json.dumps(function(session, *args, **kwargs)))
+
     def audit_cases(self) -> list[dict[str, Any]]:
-        result = self.cli("audit", "cases", "--format", "json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        """What `qcgate audit cases --format json` prints, read in-process from the database."""
+        from qcgate.store import queries
+
+        return self._query(queries.list_cases, filters=queries.AuditFilters())  # type: ignore[no-any-return]
+
+    def audit_case(self, case_id: int) -> dict[str, Any] | None:
+        """What `qcgate audit case ID --format json` prints, read in-process."""
+        from qcgate.store import queries
+
+        return self._query(queries.case_detail, case_id)  # type: ignore[no-any-return]
+
+    def audit_deliveries(self, **filters: Any) -> list[dict[str, Any]]:
+        """What `qcgate audit deliveries --format json` prints, read in-process."""
+        from qcgate.store import queries
+
+        return self._query(queries.list_deliveries, **filters)  # type: ignore[no-any-return]
 
     def wait_for_cases(self, predicate, timeout: float = 30) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
-        """Poll the audit CLI until ``predicate(cases)`` holds; return the cases."""
+        """Poll the audit database until ``predicate(cases)`` holds; return the cases."""
         deadline = time.monotonic() + timeout
         cases = self.audit_cases()
         while not predicate(cases):
             if time.monotonic() > deadline:
                 raise AssertionError(f"cases never reached the expected state: {json.dumps(cases, indent=1)}\n{self.log_text()[-3000:]}")
-            time.sleep(0.3)
+            time.sleep(0.1)
             cases = self.audit_cases()
         return cases
 

@@ -26,8 +26,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from qcgate.predictors.artifacts import verify_configured_model
+
     settings = load_settings(args.file)
+    model = verify_configured_model(settings)
     print(f"{args.file}: OK")
+    print(f"  threshold model {model} ({settings.pipeline.model}) verified")
     print(f"  listens on {settings.node.host}:{settings.node.port} as {settings.node.ae_title}")
     print(f"  data dir {settings.storage.data_dir}; database {settings.database_url.split('@')[-1]}")
     return 0

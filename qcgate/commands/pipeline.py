@@ -14,6 +14,7 @@ from qcgate.commands.common import add_settings_arguments, settings_from_args
 def _worker(args: argparse.Namespace) -> int:
     from qcgate.logs import configure_logging
     from qcgate.pipeline.dispatcher import Dispatcher
+    from qcgate.predictors.artifacts import verify_configured_model
     from qcgate.store.database import (
         create_db_engine,
         make_session_factory,
@@ -22,6 +23,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, pipeline={"workers": args.workers, "model": args.model})
     configure_logging(settings.logging)
+    verify_configured_model(settings)
     engine = create_db_engine(settings.database_url)
     upgrade_database(engine)
     session_factory = make_session_factory(engine)

@@ -1,4 +1,5 @@
-"""Sub-commands: `db upgrade`, `audit cases|case|slices|deliveries|vendors` and `retention run`."""
+"""Sub-commands: `db upgrade`, `audit cases|case|slices|deliveries|vendors|actions`, `deliveries retry`
+and `retention run`."""
 
 from __future__ import annotations
 
@@ -182,15 +183,63 @@ def _audit_case(args: argparse.Namespace) -> int:
     return 0
 
 
+def _destination_arg(text: str) -> str:
+    """argparse type: a destination ``AE@HOST:PORT``, written the way the outbox stores it."""
+    from qcgate.config import Destination
+
+    try:
+        return str(Destination.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _audit_deliveries(args: argparse.Namespace) -> int:
     from qcgate.store import queries
 
     with _open_audit_session(args) as session:
         rows = queries.list_deliveries(session, state=args.state, series_uid=args.series, kind=args.kind,
-                               sop_instance_uid=args.sop_instance_uid, limit=args.limit)
-    columns = ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "last_error", "delivered_at"]
+                                       sop_instance_uid=args.sop_instance_uid, destination=args.destination, limit=args.limit)
+    columns = ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "next_attempt_at", "last_error", "delivered_at"]
     with _output(args) as out:
         print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
+    return 0
+
+
+def _audit_actions(args: argparse.Namespace) -> int:
+    from qcgate.store import queries
+
+    with _open_audit_session(args) as session:
+        rows = queries.list_actions(session, user=args.user, action=args.action, since=args.since, until=args.until, limit=args.limit)
+    if args.format != "json":  # one cell for CSV and the table
+        rows = [{**row, "details": json.dumps(row["details"], sort_keys=True) if row["details"] is not None else None} for row in rows]
+    columns = ["action_id", "at", "user", "action", "object_type", "object_id", "reason", "details"]
+    with _output(args) as out:
+        print_rows(rows, columns, args.format, out)
+    return 0
+
+
+def _deliveries_retry(args: argparse.Namespace) -> int:
+    from qcgate.delivery.requeue import RequeueError, requeue_dead_letters
+    from qcgate.store import database
+
+    settings = settings_from_args(args)
+    engine = database.create_db_engine(settings.database_url, must_exist=True)
+    try:
+        if not database.is_current(engine):
+            raise QcgateError(f"no qcgate database at {engine.url.render_as_string(hide_password=True)}")
+        with database.make_session_factory(engine)() as session, session.begin():
+            try:
+                result = requeue_dead_letters(session, user=args.user, reason=args.reason, destination=args.destination,
+                                              delivery_id=args.id, all_dead=args.dead)
+            except (RequeueError, ValueError) as exc:
+                raise QcgateError(str(exc)) from None
+    finally:
+        engine.dispose()
+    if result.requeued:
+        print(f"re-queued {len(result.requeued)} dead letter(s) (ids {', '.join(map(str, result.requeued))}); "
+              "each is sent as soon as its destination answers; see `qcgate audit actions`")
+    else:
+        print("no dead letters matched; nothing re-queued")
     return 0
 
 
@@ -274,9 +323,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deliveries.add_argument("--series", metavar="UID", help="only the outputs of this CT series")
     deliveries.add_argument("--kind", choices=["seg", "sr", "pmap", "report"], help="only this output kind")
     deliveries.add_argument("--sop-instance-uid", metavar="UID", help="only the output with this SOP Instance UID")
+    deliveries.add_argument("--destination", type=_destination_arg, metavar="AE@HOST:PORT", help="only this destination")
     deliveries.add_argument("--limit", type=int)
     _add_format_arguments(deliveries)
     deliveries.set_defaults(handler=_audit_deliveries)
+
+    actions = audit_commands.add_parser("actions", help="what people did (re-queued dead letters, ...): who, when, why")
+    add_settings_arguments(actions)
+    actions.add_argument("--user", metavar="NAME", help="only this user's actions")
+    actions.add_argument("--action", metavar="NAME", help="only this action, e.g. delivery.retry")
+    actions.add_argument("--since", type=parse_when, metavar="WHEN", help="from this time on: ISO date/time (UTC) or an age like 7d, 12h")
+    actions.add_argument("--until", type=parse_when, metavar="WHEN", help="before this time (exclusive); same forms as --since")
+    actions.add_argument("--limit", type=int)
+    _add_format_arguments(actions)
+    actions.set_defaults(handler=_audit_actions)
+
+    outbox = subparsers.add_parser("deliveries", help="act on the outbox (re-queue dead letters)")
+    outbox_commands = outbox.add_subparsers(dest="deliveries_command", metavar="ACTION", required=True)
+    retry = outbox_commands.add_parser("retry", help="re-queue dead letters: pending again, next attempt now, attempts kept; audited")
+    add_settings_arguments(retry)
+    retry.add_argument("--dead", action="store_true", help="every dead letter (narrowed by --destination)")
+    retry.add_argument("--destination", type=_destination_arg, metavar="AE@HOST:PORT", help="only dead letters for this destination")
+    retry.add_argument("--id", type=int, metavar="N", help="only this delivery (it must be a dead letter)")
+    retry.add_argument("--user", required=True, metavar="NAME", help="who asks (recorded in the actions table)")
+    retry.add_argument("--reason", required=True, metavar="TEXT", help="why (recorded in the actions table)")
+    retry.set_defaults(handler=_deliveries_retry)
 
     retention = subparsers.add_parser("retention", help="delete old cases' spool files and rows (storage.retention_days, disk watermark)")
     retention_commands = retention.add_subparsers(dest="retention_command", metavar="ACTION", required=True)

@@ -16,6 +16,12 @@ COMPREHENSIVE_3D_SR_STORAGE = _uid.Comprehensive3DSRStorage
 PARAMETRIC_MAP_STORAGE = _uid.ParametricMapStorage
 CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 
+# Maximum lengths (characters) of the value representations the gate stores or writes (PS3.5 §6.2).
+AE_MAX_LENGTH = 16  # AE: Application Entity title
+CS_MAX_LENGTH = 16  # CS: Code String (Modality)
+LO_MAX_LENGTH = 64  # LO: Long String (descriptions, Manufacturer, algorithm name and version)
+UI_MAX_LENGTH = 64  # UI: Unique Identifier
+
 
 @dataclass(frozen=True)
 class InstanceHeader:

@@ -73,7 +73,6 @@ FEATURE_CLASSES: Mapping[str, type] = {
     "ngtdm": RadiomicsNGTDM,
     "shape2D": RadiomicsShape2D,
 }
-TEXTURE_CLASSES: tuple[str, ...] = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
 
 
 @lru_cache(maxsize=None)
@@ -181,9 +180,9 @@ def run_feature_classes(
 ) -> dict[str, float]:
     """Our configured extraction on SimpleITK ``image``/``mask`` (label 1): ``{f"{class}_{feature}": value}``.
 
-    First order and GLCM go through :func:`numpy_class_values`, the rest through pyradiomics. Works on
-    2-D images and on 3-D volumes (``force2D`` then builds in-plane matrices), which is how the upstream
-    baselines are reproduced.
+    First order and the five texture classes go through :func:`numpy_class_values`, the rest (shape2D)
+    through pyradiomics. Works on 2-D images and on 3-D volumes (``force2D`` then builds in-plane
+    matrices), which is how the upstream baselines are reproduced.
     """
     image_array = sitk.GetArrayFromImage(image).astype(np.float64)
     mask_array = sitk.GetArrayFromImage(mask) == int(settings.get("label", 1))

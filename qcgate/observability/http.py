@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qcgate.errors import ConfigError
@@ -14,9 +15,11 @@ LOG = logging.getLogger("qcgate.http")
 
 
 class ObservabilityServer:
-    """Serves ``metrics()`` at /metrics and ``health()`` ({check: ok}) at /healthz (503 when not ok)."""
+    """Serves ``metrics()`` at /metrics and ``health()`` ({check: ok}) at /healthz (503 when not ok),
+    with ``details()`` (the numbers behind the checks) beside them."""
 
-    def __init__(self, host: str, port: int, metrics: Callable[[], str], health: Callable[[], dict[str, bool]]) -> None:
+    def __init__(self, host: str, port: int, metrics: Callable[[], str], health: Callable[[], dict[str, bool]],
+                 details: Callable[[], dict[str, Any]] | None = None) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -27,7 +30,9 @@ class ObservabilityServer:
                     elif self.path in ("/healthz", "/health"):
                         checks = outer.health()
                         healthy = all(checks.values())
-                        self._send(200 if healthy else 503, json.dumps({"healthy": healthy, "checks": checks}), "application/json")
+                        report = {"healthy": healthy, "checks": checks,
+                                  "details": outer.details() if outer.details is not None else {}}
+                        self._send(200 if healthy else 503, json.dumps(report), "application/json")
                     else:
                         self._send(404, "not found\n", "text/plain")
                 except Exception as exc:  # a failing scrape must not kill the server thread
@@ -47,6 +52,7 @@ class ObservabilityServer:
 
         self.metrics = metrics
         self.health = health
+        self.details = details
         try:
             self.server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:

@@ -7,6 +7,7 @@ verdicts, deliveries, stage durations), so they are right even across restarts a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 from collections import defaultdict
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qcgate.store.models import Case, Delivery, DeliveryAttempt, Job, JobState, SliceResultRecord
+from qcgate.store.models import Case, Delivery, DeliveryAttempt, DeliveryState, Job, JobState, SliceResultRecord
 
 _HELP = {
     "qcgate_instances_received_total": ("counter", "Instances acknowledged with Success, by SOP class and outcome."),
@@ -27,6 +28,8 @@ _HELP = {
     "qcgate_slice_verdicts": ("gauge", "Lesion slices by verdict."),
     "qcgate_deliveries": ("gauge", "Outbox rows by state (pending, sent, dead)."),
     "qcgate_delivery_attempts": ("gauge", "Delivery attempts by outcome (sent, transient, permanent)."),
+    "qcgate_destination_deliveries": ("gauge", "Outbox rows waiting (pending) or given up (dead), by destination."),
+    "qcgate_destination_oldest_pending_seconds": ("gauge", "Age of the oldest pending delivery per destination (since it was queued)."),
     "qcgate_job_stage_seconds_sum": ("gauge", "Summed wall time per job stage over the last 1000 finished jobs."),
     "qcgate_job_stage_seconds_count": ("gauge", "Jobs counted in qcgate_job_stage_seconds_sum."),
     "qcgate_up": ("gauge", "1 when every liveness check passes."),
@@ -68,6 +71,7 @@ def database_samples(session: Session) -> list[tuple[str, dict[str, str], float]
         for value, count in session.execute(select(column, func.count()).group_by(column)):
             if value is not None:
                 samples.append((name, {label: str(value)}, float(count)))
+    samples += _destination_samples(session)
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     recent = session.scalars(select(Job.timings).where(Job.state == JobState.DONE.value, Job.timings.is_not(None))
@@ -79,6 +83,28 @@ def database_samples(session: Session) -> list[tuple[str, dict[str, str], float]
     for stage in sorted(totals):
         samples.append(("qcgate_job_stage_seconds_sum", {"stage": stage}, totals[stage]))
         samples.append(("qcgate_job_stage_seconds_count", {"stage": stage}, float(counts[stage])))
+    return samples
+
+
+def _destination_samples(session: Session) -> list[tuple[str, dict[str, str], float]]:
+    """Per destination: pending and dead counts, and how long the oldest pending one has waited."""
+    samples: list[tuple[str, dict[str, str], float]] = []
+    now = dt.datetime.now(dt.timezone.utc)
+    waiting = (DeliveryState.PENDING.value, DeliveryState.DEAD.value)
+    counts = {(destination, state): count for destination, state, count in session.execute(
+        select(Delivery.destination, Delivery.state, func.count()).where(Delivery.state.in_(waiting))
+        .group_by(Delivery.destination, Delivery.state))}
+    for destination in sorted({destination for destination, _ in counts}):
+        for state in waiting:  # both states for every destination that has either, so "dead" reads 0, not absent
+            samples.append(("qcgate_destination_deliveries", {"destination": destination, "state": state},
+                            float(counts.get((destination, state), 0))))
+    for destination, oldest in session.execute(
+            select(Delivery.destination, func.min(Delivery.queued_at)).where(Delivery.state == DeliveryState.PENDING.value)
+            .group_by(Delivery.destination)):
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)  # SQLite: naive UTC
+            samples.append(("qcgate_destination_oldest_pending_seconds", {"destination": destination},
+                            max((now - oldest).total_seconds(), 0.0)))
     return samples
 
 

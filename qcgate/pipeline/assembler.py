@@ -96,13 +96,11 @@ class AssemblerThread(threading.Thread):
         self._session_factory = session_factory
         self._settings = settings
         self._stop_event = threading.Event()
-        self.last_success: dt.datetime | None = None
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
                 assemble_once(self._session_factory, self._settings)
-                self.last_success = utcnow()
             except Exception:  # keep assembling after a transient database error
                 LOG.exception("assembler pass failed; retrying")
             self._stop_event.wait(self._settings.poll_interval_seconds)

@@ -2,19 +2,23 @@
 
 The jobs table is the durable queue. A job interrupted by a crash (state ``running`` at start-up)
 runs again, up to ``max_job_attempts``; a job past ``job_timeout_seconds`` is failed with that
-reason and its worker process is replaced. The executor is a local process pool by default; any
-``concurrent.futures.Executor`` (a Dask ``distributed`` client's executor, say) can be passed in.
+reason, and since a process pool cannot cancel a running task, the whole pool is replaced (its workers
+killed) and the other running jobs go back to pending. The executor is a local process pool
+(:class:`LocalProcessPool`) by default; any ``concurrent.futures.Executor`` (a Dask ``distributed``
+client's executor, say) can be passed in, and is then only shut down, never killed.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from qcgate.config import Settings
 from qcgate.pipeline.worker import run_qc_job, worker_identity
 from qcgate.store.models import Case, CaseState, Job, JobState, utcnow
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import SimpleQueue
 
 LOG = logging.getLogger("qcgate.dispatcher")
 
@@ -38,10 +46,46 @@ def _die_with_parent() -> None:
         pass  # elsewhere the ownership token still keeps a stale worker from recording anything
 
 
-def local_process_pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the parent runs threads (the DICOM node) that fork would copy mid-flight.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_die_with_parent)
+def _init_worker(started: SimpleQueue[int]) -> None:
+    """Pool initializer: report this worker's PID to the pool (before it can run any job), then
+    arrange to die with the parent."""
+    started.put(os.getpid())
+    _die_with_parent()
+
+
+class LocalProcessPool(ProcessPoolExecutor):
+    """A spawn-context process pool that can name its worker processes, through public APIs only.
+
+    Each worker puts its PID on a queue from the pool initializer; :meth:`worker_processes` matches
+    those PIDs against ``multiprocessing.active_children()`` (children not yet reaped, so a PID cannot
+    have been reused). A worker that has not run its initializer yet has run no job either.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        # spawn, not fork: the parent runs threads (the DICOM node) that fork would copy mid-flight.
+        context = multiprocessing.get_context("spawn")
+        self._reported_pids = context.SimpleQueue()
+        self._worker_pids: set[int] = set()
+        self._worker_pids_lock = threading.Lock()
+        super().__init__(max_workers=max_workers, mp_context=context,
+                         initializer=_init_worker, initargs=(self._reported_pids,))
+
+    def worker_processes(self) -> list[BaseProcess]:
+        """The pool's worker processes still running."""
+        with self._worker_pids_lock:
+            while not self._reported_pids.empty():
+                self._worker_pids.add(self._reported_pids.get())
+            pids = set(self._worker_pids)
+        return [process for process in multiprocessing.active_children() if process.pid in pids]
+
+
+def local_process_pool(workers: int) -> LocalProcessPool:
+    return LocalProcessPool(workers)
+
+
+def _worker_processes(executor: Executor) -> list[BaseProcess]:
+    """The processes to kill when ``executor`` is dropped: a local pool's workers; none for others."""
+    return executor.worker_processes() if isinstance(executor, LocalProcessPool) else []
 
 
 def recover_interrupted_jobs(session_factory: sessionmaker[Session], max_attempts: int) -> int:
@@ -145,14 +189,10 @@ class Dispatcher(threading.Thread):
 
     def _replace_executor(self) -> None:
         old = self.executor
-        processes = list((getattr(old, "_processes", None) or {}).values())
-        for process in processes:
+        for process in _worker_processes(old):
             process.kill()
         old.shutdown(wait=False, cancel_futures=True)
         self.executor = self.executor_factory(self.settings.pipeline.workers)
-
-    def is_healthy(self) -> bool:
-        return self.is_alive()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -164,7 +204,7 @@ class Dispatcher(threading.Thread):
                 session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value)
                                 .values(state=JobState.PENDING.value, attempts=Job.attempts - 1))
         self.running.clear()
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        processes = _worker_processes(self.executor)
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.kill()

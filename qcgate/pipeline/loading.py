@@ -57,7 +57,9 @@ def load_ct_series(paths: Sequence[Path]) -> CtSeries:
     for path in paths:
         ds = pydicom.dcmread(path)
         if str(ds.SOPClassUID) != CT_IMAGE_STORAGE:
-            raise JobFailure(f"{ds.SOPClassUID} (e.g. Enhanced CT) is stored but not yet processed by the worker")
+            # The node refuses Enhanced CT by default ([node] accept_enhanced_ct = false).
+            raise JobFailure(f"{ds.SOPClassUID} (e.g. Enhanced CT) is stored but not yet processed by the worker; "
+                             "the node accepts it only with [node] accept_enhanced_ct = true")
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise JobFailure("multi-frame CT images are not processed by the worker")
         datasets.append(ds)

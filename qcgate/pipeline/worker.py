@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -28,6 +29,7 @@ from qcgate.core.layout import DataLayout
 from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, load_ct_series, load_seg_member
 from qcgate.core.results import CaseResult, SliceResult, Verdict, slice_verdict
+from qcgate.predictors import ThresholdModel, ThresholdPredictor
 from qcgate.store.database import create_db_engine, make_session_factory
 from qcgate.store.models import (
     Case,
@@ -77,7 +79,8 @@ def series_verdict(verdicts: list[Verdict], settings: PipelineSettings) -> tuple
     return Verdict.ACCEPT, policy
 
 
-def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSettings, model: Any, timer: StageTimer) -> CaseResult:
+def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSettings, model: ThresholdPredictor,
+               timer: StageTimer) -> CaseResult:
     """Per-slice tau, q and verdict from the CT and the SEG members (the method of DESIGN §2)."""
     from qcgate.features import lung_mask_from_hu
     from qcgate.features.uncertainty import uncertainty_metrics
@@ -102,7 +105,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     consensus = mean >= 0.5
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
-    use_uncertainty = uncertainty is not None and bool(getattr(model, "has_uncertainty_variant", False))
+    use_uncertainty = uncertainty is not None and model.has_uncertainty_variant
     if references:
         q_source = "reference"
         notes.append("q is the Dice of the AI segmentation against the reference reader's SEG")
@@ -123,13 +126,12 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
         inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
                                  uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
                                  pixel_spacing=ct.pixel_spacing, lung_mask=lung))
-    taus = np.asarray(model.predict(inputs, use_uncertainty=use_uncertainty), dtype=float) if inputs else np.zeros(0)
-    key_features = model.key_features(inputs, top=5) if inputs else []
+    # One pass: each slice's features are extracted once and give both tau and the key features.
+    assessments = model.assess(inputs, use_uncertainty=use_uncertainty, top=5) if inputs else []
     timer.lap("thresholds")
 
     # The margin defaults to the validation MAE of the sub-model that actually answered.
-    model_mae = model.validation_mae if use_uncertainty else getattr(model, "validation_mae_without_uncertainty", model.validation_mae)
-    margin = settings.margin if settings.margin is not None else float(model_mae)
+    margin = settings.margin if settings.margin is not None else float(model.validation_mae_for(use_uncertainty))
     pixel_area = ct.pixel_spacing[0] * ct.pixel_spacing[1]
     slices: list[SliceResult] = []
     for position, k in enumerate(lesion_slices):
@@ -139,7 +141,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
             q = ensemble_agreement([m.probability[k] >= 0.5 for m in ensemble], consensus[k])
         else:
             q = None
-        tau = float(np.clip(taus[position], 0.0, 1.0))
+        tau = float(np.clip(assessments[position].tau, 0.0, 1.0))
         metrics = None
         if uncertainty is not None:
             metrics = {name.removeprefix("uncertainty."): float(value)
@@ -147,7 +149,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
         slices.append(SliceResult(
             source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q, margin=margin,
             verdict=slice_verdict(tau, q, margin), lesion_area_mm2=float(consensus[k].sum() * pixel_area),
-            uncertainty=metrics, key_features=key_features[position] if position < len(key_features) else {},
+            uncertainty=metrics, key_features=assessments[position].key_features,
             uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
         ))
     verdict, policy = series_verdict([s.verdict for s in slices], settings)
@@ -160,33 +162,34 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     )
 
 
-def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings, image_hu: np.ndarray | None = None,
-                  timer: StageTimer | None = None) -> dict[str, tuple[Path, Any]]:
-    """Write the QC SEG (when there is a lesion), the SR and the HTML report; {kind: (path, dataset)}."""
-    import pydicom
+def write_case_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings, image_hu: np.ndarray | None = None,
+                       timer: StageTimer | None = None) -> dict[str, tuple[Path, Dataset | None]]:
+    """Write the QC SEG (when there is a lesion), the SR and the HTML report; {kind: (path, dataset)}.
 
-    from qcgate.writers.seg import write_qc_seg
-    from qcgate.writers.sr import write_qc_sr
+    The source headers are prepared once for all writers; each dataset is kept as built (no read-back)."""
+    from qcgate.writers.common import prepare_derivation_sources, save_dataset
+    from qcgate.writers.seg import build_qc_seg
+    from qcgate.writers.sr import build_qc_sr
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, tuple[Path, Any]] = {}
+    sources = prepare_derivation_sources(result)
+    outputs: dict[str, tuple[Path, Dataset | None]] = {}
     seg_dataset = None
     if result.slices:
-        seg_path = write_qc_seg(result, out_dir / "qc-seg.dcm")
-        seg_dataset = pydicom.dcmread(seg_path, stop_before_pixels=True)
-        outputs["seg"] = (seg_path, seg_dataset)
+        seg_dataset = build_qc_seg(result, sources=sources)
+        outputs["seg"] = (save_dataset(seg_dataset, out_dir / "qc-seg.dcm"), seg_dataset)
     if timer is not None:
         timer.lap("write_seg")
     if settings.write_uncertainty_map:
-        from qcgate.writers.pmap import has_uncertainty_map, write_qc_pmap
+        from qcgate.writers.pmap import build_qc_pmap, has_uncertainty_map
 
         if has_uncertainty_map(result):
-            pmap_path = write_qc_pmap(result, out_dir / "qc-uncertainty-pmap.dcm")
-            outputs["pmap"] = (pmap_path, pydicom.dcmread(pmap_path, stop_before_pixels=True))
+            pmap = build_qc_pmap(result, sources=sources)
+            outputs["pmap"] = (save_dataset(pmap, out_dir / "qc-uncertainty-pmap.dcm"), pmap)
             if timer is not None:
                 timer.lap("write_pmap")
-    sr_path = write_qc_sr(result, out_dir / "qc-sr.dcm", qc_seg=seg_dataset)
-    outputs["sr"] = (sr_path, pydicom.dcmread(sr_path, stop_before_pixels=True))
+    sr = build_qc_sr(result, seg_dataset, sources=sources)
+    outputs["sr"] = (save_dataset(sr, out_dir / "qc-sr.dcm"), sr)
     if timer is not None:
         timer.lap("write_sr")
     if settings.write_report:
@@ -198,7 +201,7 @@ def write_outputs(result: CaseResult, out_dir: Path, settings: PipelineSettings,
     return outputs
 
 
-def _record_success(session: Session, job: Job, case: Case, result: CaseResult, outputs: dict[str, tuple[Path, Any]],
+def _record_success(session: Session, job: Job, case: Case, result: CaseResult, outputs: dict[str, tuple[Path, Dataset | None]],
                     data_dir: Path, destinations: list[str], timer: StageTimer) -> None:
     for item in result.slices:
         session.add(SliceResultRecord(
@@ -246,10 +249,10 @@ def _record_failure(session: Session, job_id: int, reason: str, token: str | Non
     session.execute(update(Case).where(Case.id == job.case_id).values(state=CaseState.FAILED.value, reason=reason[:4000]))
 
 
-_MODEL_CACHE: dict[str, Any] = {}
+_MODEL_CACHE: dict[str, ThresholdModel] = {}
 
 
-def load_threshold_model(name_or_path: str) -> Any:
+def load_threshold_model(name_or_path: str) -> ThresholdModel:
     """The configured model, loaded once per worker process (loading checks hashes)."""
     if name_or_path not in _MODEL_CACHE:
         from qcgate.predictors import load_model, load_named_model
@@ -295,7 +298,7 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
         model = load_threshold_model(settings.pipeline.model)
         timer.lap("load_model")
         result = judge_case(ct, members, settings.pipeline, model, timer)
-        outputs = write_outputs(result, layout.case_outputs(case_id), settings.pipeline, ct.hu, timer)
+        outputs = write_case_outputs(result, layout.case_outputs(case_id), settings.pipeline, ct.hu, timer)
         with session_factory() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
             case = session.get(Case, case_id)

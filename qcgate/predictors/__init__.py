@@ -6,6 +6,11 @@ Run-time contract (what the pipeline codes against)::
     tau = model.predict(slices, use_uncertainty=True)   # one value in [0, 1] per SliceInput
     model.describe(use_uncertainty=True)                # which sub-model answered
     model.key_features(slices)                          # the audit's "why"
+    model.assess(slices, use_uncertainty=True)          # both at once: one feature extraction per slice
+    model.validation_mae_for(use_uncertainty=True)      # the default margin of the answering sub-model
+
+The pipeline is typed against :class:`ThresholdPredictor` (a ``typing.Protocol``), which
+:class:`ThresholdModel` implements.
 
 Features at run time are ``qcgate.features.extract_slice_features`` of the AI mask
 (``ai_probability >= 0.5``), the paper's deployment setting. A slice whose AI mask is empty gets the
@@ -23,13 +28,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 import qcgate
 from qcgate.errors import InputError
 
-__all__ = ["SliceInput", "ThresholdModel", "load_model", "load_named_model", "models_dir"]
+__all__ = ["SliceAssessment", "SliceInput", "ThresholdModel", "ThresholdPredictor", "load_model", "load_named_model",
+           "models_dir"]
 
 
 @dataclass
@@ -63,6 +70,43 @@ class SliceInput:
         return np.asarray(self.ai_probability) >= 0.5
 
 
+@dataclass(frozen=True)
+class SliceAssessment:
+    """What the model says about one slice: tau and the key features behind it (the audit's "why")."""
+
+    tau: float  # in [0, 1]; the training mean where the AI mask is empty
+    key_features: dict[str, float]  # {} for a ResNet-only model or an empty AI mask
+
+
+@runtime_checkable
+class ThresholdPredictor(Protocol):
+    """What the QC worker needs from a threshold model."""
+
+    name: str
+    version: str
+
+    @property
+    def has_uncertainty_variant(self) -> bool:
+        """Whether some sub-model uses the uncertainty map."""
+        ...
+
+    def validation_mae_for(self, use_uncertainty: bool) -> float:
+        """Validation MAE of the sub-models that answer with/without the uncertainty map."""
+        ...
+
+    def assess(self, slices: Sequence[SliceInput], *, use_uncertainty: bool, top: int = 5) -> list[SliceAssessment]:
+        """tau and key features per slice, extracting each slice's features once."""
+        ...
+
+    def predict(self, slices: Sequence[SliceInput], *, use_uncertainty: bool) -> np.ndarray:
+        """tau per slice."""
+        ...
+
+    def key_features(self, slices: Sequence[SliceInput], *, top: int = 5) -> list[dict[str, float]]:
+        """The top Ridge inputs per slice."""
+        ...
+
+
 class ThresholdModel:
     """A loaded model directory (see ``qcgate.predictors.artifacts``): Ridge and/or ResNet sub-models
     without and with the uncertainty map, combined by ``kind`` ("ridge", "resnet" or "ensemble")."""
@@ -94,6 +138,10 @@ class ThresholdModel:
 
         return components_for(self, use_uncertainty=True) != components_for(self, use_uncertainty=False)
 
+    def validation_mae_for(self, use_uncertainty: bool) -> float:
+        """The validation MAE of the with-UM sub-models when they answer, else of the without-UM ones."""
+        return self.validation_mae if use_uncertainty else self.validation_mae_without_uncertainty
+
     def describe(self, *, use_uncertainty: bool) -> str:
         """Which sub-model answers, e.g. "ensemble(ridge+resnet, with UM)"."""
         from qcgate.predictors.ensemble import describe
@@ -106,6 +154,14 @@ class ThresholdModel:
         from qcgate.predictors.ensemble import predict
 
         return predict(self, list(slices), use_uncertainty=use_uncertainty)
+
+    def assess(self, slices: Sequence[SliceInput], *, use_uncertainty: bool, top: int = 5) -> list[SliceAssessment]:
+        """``predict`` and the key features in one pass: each slice's features are extracted once and
+        feed both the answering Ridge and its explanation (``top`` values by |w_j · z_j|)."""
+        from qcgate.predictors.ensemble import assess
+
+        taus, explained = assess(self, list(slices), use_uncertainty=use_uncertainty, top=top)
+        return [SliceAssessment(tau=float(t), key_features=k) for t, k in zip(taus, explained)]
 
     def key_features(self, slices: Sequence[SliceInput], *, top: int = 5) -> list[dict[str, float]]:
         """Per slice, the ``top`` feature values with the largest |w_j · z_j| in the Ridge (the UM

@@ -27,7 +27,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from qcgate.errors import InputError
+from qcgate.config import Settings
+from qcgate.errors import ConfigError, InputError
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "qcgate-threshold-model"
@@ -71,11 +72,32 @@ def _feature_mismatch(where: str, trained: tuple[str, ...], current: tuple[str, 
             f"code {current_at!r}. Retrain the model with this version (qcgate train).")
 
 
-def load_model_directory(directory: Path):
-    """Verify and load ``directory`` into a ThresholdModel (see the module docstring)."""
-    from qcgate.predictors import ThresholdModel
-    from qcgate.predictors.ridge import RidgeModel
+def resolve_model_directory(name_or_path: str) -> Path:
+    """The directory of the configured model: an existing directory as given, else a plain name
+    under ``models_dir()``; InputError for a name that is not a plain directory name."""
+    from qcgate.predictors import models_dir
 
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if not name_or_path or path.name != name_or_path or name_or_path in (".", ".."):
+        raise InputError(f"model name {name_or_path!r} must be a directory or a plain directory name under {models_dir()}")
+    return models_dir() / name_or_path
+
+
+def verify_configured_model(settings: Settings) -> str:
+    """Verify ``pipeline.model`` without loading weights (manifest and file hashes); returns
+    "name version". ConfigError naming the key when the model is missing or does not verify."""
+    try:
+        manifest = verify_model_directory(resolve_model_directory(settings.pipeline.model))
+    except InputError as exc:
+        raise ConfigError(f"pipeline.model = {settings.pipeline.model!r}: {exc}") from None
+    return f"{manifest.get('name', '?')} {manifest.get('version', '?')}"
+
+
+def verify_model_directory(directory: Path) -> dict:
+    """Check a model directory without loading its weights: the manifest parses, every listed file
+    is present with its sha256. Returns the manifest; InputError naming the first problem."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: no such model directory")
@@ -105,6 +127,18 @@ def load_model_directory(directory: Path):
             raise InputError(f"{directory}: {name} does not match its sha256 in the manifest (expected "
                              f"{str(expected)[:12]}…, found {actual[:12]}…): the file was changed or corrupted "
                              "after training; restore it or retrain")
+    return manifest
+
+
+def load_model_directory(directory: Path):
+    """Verify and load ``directory`` into a ThresholdModel (see the module docstring)."""
+    from qcgate.predictors import ThresholdModel
+    from qcgate.predictors.ridge import RidgeModel
+
+    directory = Path(directory)
+    manifest = verify_model_directory(directory)
+    manifest_path = directory / MANIFEST
+    files = manifest["files"]
     try:
         groups = list(manifest["feature_groups"])
         uses_image = bool(manifest["uses_image"])

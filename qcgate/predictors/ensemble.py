@@ -76,16 +76,32 @@ def _crops(model, slices, predictor) -> np.ndarray:
                                  s.uncertainty_map, size) for s in slices])
 
 
-def _component_predictions(model, component: str, slices) -> np.ndarray:
-    predictor = getattr(model, component)
-    if component.startswith("ridge"):
-        return predictor.predict(runtime_features(model, slices, predictor))
-    return predictor.predict_crops(_crops(model, slices, predictor))
+def _explaining_ridge(model, components: tuple[str, ...], with_um: bool):  # type: ignore[no-untyped-def]
+    """The Ridge whose inputs explain a slice: the answering Ridge, else (a ResNet-only kind) the one
+    ``key_features`` would use; None without a Ridge."""
+    for component in components:
+        if component.startswith("ridge"):
+            return getattr(model, component)
+    if model.ridge is None:
+        return None
+    return model.ridge_uncertainty if with_um and model.ridge_uncertainty is not None else model.ridge
 
 
-def predict(model, slices, *, use_uncertainty: bool) -> np.ndarray:
-    """tau per slice (see the module docstring); the training mean where the AI mask is empty."""
+def _explain(ridge, x: np.ndarray, top: int) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Per row of ``x``, the ``top`` feature values with the largest |w_j z_j| of ``ridge``."""
+    contributions = np.abs(ridge.contributions(x))
+    explained = []
+    for row in range(x.shape[0]):
+        order = np.argsort(-contributions[row], kind="stable")[:top]
+        explained.append({ridge.feature_names[j]: float(x[row, j]) for j in order})
+    return explained
+
+
+def assess(model, slices, *, use_uncertainty: bool, top: int = 5) -> tuple[np.ndarray, list[dict[str, float]]]:  # type: ignore[no-untyped-def]
+    """tau and key features per slice from one feature extraction per slice (the Ridge that answers
+    also explains; the ResNet takes image crops, not features). Empty AI mask: training mean, {}."""
     tau = np.full(len(slices), model.training_mean_dsc, dtype=np.float64)
+    explained: list[dict[str, float]] = [{} for _ in slices]
     for position, item in enumerate(slices):
         item.validate(position)
     lesion = np.array([bool(s.ai_mask.any()) for s in slices], dtype=bool)
@@ -96,9 +112,31 @@ def predict(model, slices, *, use_uncertainty: bool) -> np.ndarray:
             continue
         subset = [slices[i] for i in selected]
         components = components_for(model, use_uncertainty=with_um)
-        estimates = [_component_predictions(model, c, subset) for c in components]
+        explainer = _explaining_ridge(model, components, with_um)
+        features: dict[int, np.ndarray] = {}  # id(ridge) -> its feature matrix of ``subset``
+
+        def matrix(ridge) -> np.ndarray:  # type: ignore[no-untyped-def]
+            if id(ridge) not in features:
+                features[id(ridge)] = runtime_features(model, subset, ridge)
+            return features[id(ridge)]
+
+        estimates = []
+        for component in components:
+            predictor = getattr(model, component)
+            if component.startswith("ridge"):
+                estimates.append(predictor.predict(matrix(predictor)))
+            else:
+                estimates.append(predictor.predict_crops(_crops(model, subset, predictor)))
         tau[selected] = np.mean(estimates, axis=0)
-    return np.clip(tau, 0.0, 1.0)
+        if explainer is not None and top > 0:
+            for i, values in zip(selected, _explain(explainer, matrix(explainer), top)):
+                explained[i] = values
+    return np.clip(tau, 0.0, 1.0), explained
+
+
+def predict(model, slices, *, use_uncertainty: bool) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """tau per slice (see the module docstring); the training mean where the AI mask is empty."""
+    return assess(model, slices, use_uncertainty=use_uncertainty, top=0)[0]
 
 
 def key_features(model, slices, *, top: int = 5) -> list[dict[str, float]]:
@@ -118,8 +156,6 @@ def key_features(model, slices, *, top: int = 5) -> list[dict[str, float]]:
         by_ridge.setdefault(id(ridge), (ridge, []))[1].append(i)
     for ridge, selected in by_ridge.values():
         x = runtime_features(model, [slices[i] for i in selected], ridge)
-        contributions = np.abs(ridge.contributions(x))  # type: ignore[attr-defined]
-        for row, i in enumerate(selected):
-            order = np.argsort(-contributions[row], kind="stable")[:top]
-            result[i] = {ridge.feature_names[j]: float(x[row, j]) for j in order}  # type: ignore[attr-defined]
+        for i, values in zip(selected, _explain(ridge, x, top)):
+            result[i] = values
     return result

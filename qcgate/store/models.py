@@ -20,10 +20,32 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-UID = String(64)
+from qcgate.core.dicom import AE_MAX_LENGTH, CS_MAX_LENGTH, LO_MAX_LENGTH, UI_MAX_LENGTH
+
+# Column widths, in characters. Whoever writes a value that may be longer truncates it to the
+# width's name, never to a bare number. DICOM-valued columns take their value representation's
+# maximum length; the migrations spell the same numbers (changing one here needs a migration).
+UID_LENGTH = UI_MAX_LENGTH  # SOP class / instance, study, series and transfer syntax UIDs
+AE_TITLE_LENGTH = AE_MAX_LENGTH  # calling and called AE titles
+MODALITY_LENGTH = CS_MAX_LENGTH
+LONG_STRING_LENGTH = LO_MAX_LENGTH  # a SEG's Manufacturer, algorithm name and version
+HOST_LENGTH = 64  # the peer's address as the association reports it
+STATE_LENGTH = 16  # states, verdicts, outcomes and output kinds (the enums' values)
+REFUSED_UID_LENGTH = 128  # refused_instances keeps UIDs as received, valid or not
+REASON_CODE_LENGTH = 32  # a qcgate.core.refusals.RefusalCode value
+SHA256_HEX_LENGTH = 64
+MODEL_NAME_LENGTH = 64
+MODEL_VERSION_LENGTH = 32
+Q_SOURCE_LENGTH = 32
+JOB_KIND_LENGTH = 32
+WORKER_LENGTH = 128  # the claim token: host:pid:random
+DESTINATION_LENGTH = 128  # AE@host:port
+
+UID = String(UID_LENGTH)
 
 
 def utcnow() -> dt.datetime:
@@ -55,14 +77,14 @@ class AssociationRecord(Base):
     __tablename__ = "associations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    calling_ae: Mapped[str] = mapped_column(String(16))
-    called_ae: Mapped[str] = mapped_column(String(16))
-    peer_host: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(AE_TITLE_LENGTH))
+    called_ae: Mapped[str] = mapped_column(String(AE_TITLE_LENGTH))
+    peer_host: Mapped[str] = mapped_column(String(HOST_LENGTH))
     peer_port: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # accepted -> released | aborted; or rejected with a reason
-    outcome: Mapped[str] = mapped_column(String(16), default="accepted")
+    outcome: Mapped[str] = mapped_column(String(STATE_LENGTH), default="accepted")
     reason: Mapped[str | None] = mapped_column(Text)
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)
     instances_refused: Mapped[int] = mapped_column(Integer, default=0)
@@ -82,16 +104,16 @@ class Case(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID)
     ct_series_uid: Mapped[str] = mapped_column(UID, unique=True)
-    state: Mapped[str] = mapped_column(String(16), default=CaseState.COLLECTING.value)
+    state: Mapped[str] = mapped_column(String(STATE_LENGTH), default=CaseState.COLLECTING.value)
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_instance_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # Filled by the QC job.
-    series_verdict: Mapped[str | None] = mapped_column(String(16))
-    model_name: Mapped[str | None] = mapped_column(String(64))
-    model_version: Mapped[str | None] = mapped_column(String(32))
-    q_source: Mapped[str | None] = mapped_column(String(32))
+    series_verdict: Mapped[str | None] = mapped_column(String(STATE_LENGTH))
+    model_name: Mapped[str | None] = mapped_column(String(MODEL_NAME_LENGTH))
+    model_version: Mapped[str | None] = mapped_column(String(MODEL_VERSION_LENGTH))
+    q_source: Mapped[str | None] = mapped_column(String(Q_SOURCE_LENGTH))
     n_members: Mapped[int | None] = mapped_column(Integer)
     uses_uncertainty: Mapped[bool | None] = mapped_column(Boolean)
     notes: Mapped[str | None] = mapped_column(Text)
@@ -120,19 +142,19 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     study_instance_uid: Mapped[str] = mapped_column(UID)
     series_instance_uid: Mapped[str] = mapped_column(UID)
-    modality: Mapped[str] = mapped_column(String(16))
+    modality: Mapped[str] = mapped_column(String(MODALITY_LENGTH))
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     spool_path: Mapped[str] = mapped_column(Text)  # relative to the spool root
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(SHA256_HEX_LENGTH))
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"))
     # SEG only: what it segments and who made it (for "how often does vendor X fail")
     referenced_series_uid: Mapped[str | None] = mapped_column(UID)
-    manufacturer: Mapped[str | None] = mapped_column(String(64))
-    algorithm_name: Mapped[str | None] = mapped_column(String(64))
-    algorithm_version: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(LONG_STRING_LENGTH))
+    algorithm_name: Mapped[str | None] = mapped_column(String(LONG_STRING_LENGTH))
+    algorithm_version: Mapped[str | None] = mapped_column(String(LONG_STRING_LENGTH))
 
     case: Mapped[Case | None] = relationship(back_populates="instances")
     references: Mapped[list["SegReference"]] = relationship(back_populates="seg", cascade="all, delete-orphan")
@@ -172,10 +194,9 @@ class RefusedInstance(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
-    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
-    # unparseable | missing-attribute | conflict | disk-full | ...
-    reason_code: Mapped[str] = mapped_column(String(32))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(REFUSED_UID_LENGTH))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(REFUSED_UID_LENGTH))
+    reason_code: Mapped[str] = mapped_column(String(REASON_CODE_LENGTH))  # a RefusalCode (qcgate.core.refusals)
     reason: Mapped[str] = mapped_column(Text)
     dimse_status: Mapped[int] = mapped_column(Integer)
     quarantine_path: Mapped[str | None] = mapped_column(Text)
@@ -191,13 +212,13 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
-    kind: Mapped[str] = mapped_column(String(32), default="qc")
-    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
+    kind: Mapped[str] = mapped_column(String(JOB_KIND_LENGTH), default="qc")
+    state: Mapped[str] = mapped_column(String(STATE_LENGTH), default=JobState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    worker: Mapped[str | None] = mapped_column(String(128))
+    worker: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))
     error: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[str | None] = mapped_column(Text)  # JSON {stage: seconds}
 
@@ -222,7 +243,7 @@ class SliceResultRecord(Base):
     tau: Mapped[float] = mapped_column(Float)
     q: Mapped[float | None] = mapped_column(Float)
     margin: Mapped[float] = mapped_column(Float)
-    verdict: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str] = mapped_column(String(STATE_LENGTH))
     lesion_area_mm2: Mapped[float] = mapped_column(Float)
     um_mean: Mapped[float | None] = mapped_column(Float)
     um_p90: Mapped[float | None] = mapped_column(Float)
@@ -249,7 +270,7 @@ class Output(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"))
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | pmap | report
+    kind: Mapped[str] = mapped_column(String(STATE_LENGTH))  # seg | sr | pmap | report
     sop_class_uid: Mapped[str | None] = mapped_column(UID)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)  # relative to the data dir
@@ -276,12 +297,17 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
-    destination: Mapped[str] = mapped_column(String(128))  # AE@host:port
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
+    destination: Mapped[str] = mapped_column(String(DESTINATION_LENGTH))  # AE@host:port
+    state: Mapped[str] = mapped_column(String(STATE_LENGTH), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When it (last) joined the queue: creation, or a re-queue by `qcgate deliveries retry`; the
+    # dead-letter age (delivery.dead_letter_after_hours) counts from here. Migration 0004; the
+    # server default serves inserts that name only the older columns (bulk loads).
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                   server_default=text("CURRENT_TIMESTAMP"))
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),
@@ -297,8 +323,42 @@ class DeliveryAttempt(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"))
     attempted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    outcome: Mapped[str] = mapped_column(String(16))  # sent | transient | permanent
+    outcome: Mapped[str] = mapped_column(String(STATE_LENGTH))  # sent | transient | permanent
     dimse_status: Mapped[int | None] = mapped_column(Integer)
     message: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_delivery_attempts_delivery", "delivery_id"),)
+
+
+# The outbox per destination, oldest first (migration 0004).
+Index("ix_deliveries_destination_state", Delivery.destination, Delivery.state, Delivery.id)
+
+
+ACTION_USER_LENGTH = 128  # who: a login or a name
+ACTION_NAME_LENGTH = 64  # what: e.g. delivery.retry
+ACTION_OBJECT_TYPE_LENGTH = 32  # to what kind of row: e.g. delivery
+ACTION_OBJECT_ID_LENGTH = 64  # its id, or a UID
+
+
+class Action(Base):
+    """Something a person did (re-queue a dead letter, ...): who, when, to what, and why.
+
+    Written with :func:`qcgate.store.actions.record_action` in the same transaction as the change
+    itself; read with `qcgate audit actions`. Migration 0004.
+    """
+
+    __tablename__ = "actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(ACTION_USER_LENGTH))
+    action: Mapped[str] = mapped_column(String(ACTION_NAME_LENGTH))
+    object_type: Mapped[str | None] = mapped_column(String(ACTION_OBJECT_TYPE_LENGTH))
+    object_id: Mapped[str | None] = mapped_column(String(ACTION_OBJECT_ID_LENGTH))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[str | None] = mapped_column(Text)  # JSON object
+
+    __table_args__ = (
+        Index("ix_actions_at", "at"),
+        Index("ix_actions_user_at", "user", "at"),
+    )

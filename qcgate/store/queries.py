@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.store.models import (
+    Action,
     AssociationRecord,
     Case,
     Delivery,
@@ -272,11 +273,12 @@ def case_detail(session: Session, case_id: int) -> dict[str, Any] | None:
 
 def list_deliveries(session: Session, state: str | None = None, case_id: int | None = None, *,
                     series_uid: str | None = None, kind: str | None = None, sop_instance_uid: str | None = None,
-                    limit: int | None = None) -> list[dict[str, Any]]:
-    """Outbox rows with their output, state, attempts and last error.
+                    destination: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Outbox rows with their output, state, attempts, last error and (pending) next attempt time.
 
     "Was the SR delivered?": ``series_uid`` (the CT series) or ``sop_instance_uid`` (the SR's own
-    UID) with ``kind="sr"``.
+    UID) with ``kind="sr"``. "What is waiting and why?": ``state="pending"``; ``queued_at`` is when
+    it joined the queue (the dead-letter age counts from there).
     """
     n_attempts = (select(func.count(DeliveryAttempt.id)).where(DeliveryAttempt.delivery_id == Delivery.id)
                   .correlate(Delivery).scalar_subquery())
@@ -294,15 +296,45 @@ def list_deliveries(session: Session, state: str | None = None, case_id: int | N
         query = query.where(Output.kind == kind)
     if sop_instance_uid:
         query = query.where(Output.sop_instance_uid == sop_instance_uid)
+    if destination:
+        query = query.where(Delivery.destination == destination)
     if limit:
         query = query.limit(limit)
     rows = []
     for delivery, output, ct_series_uid, attempts in session.execute(query):
+        pending = delivery.state == "pending"
         rows.append({"delivery_id": delivery.id, "case_id": output.case_id, "kind": output.kind,
                      "destination": delivery.destination, "state": delivery.state, "attempts": int(attempts or 0),
-                     "last_error": delivery.last_error, "delivered_at": _iso(delivery.delivered_at),
+                     "next_attempt_at": _iso(delivery.next_attempt_at) if pending else None,
+                     "last_error": delivery.last_error, "queued_at": _iso(delivery.queued_at),
+                     "delivered_at": _iso(delivery.delivered_at),
                      "ct_series_uid": ct_series_uid, "sop_instance_uid": output.sop_instance_uid})
     return rows
+
+
+def list_actions(session: Session, *, user: str | None = None, action: str | None = None,
+                 object_type: str | None = None, object_id: str | None = None,
+                 since: dt.datetime | None = None, until: dt.datetime | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """People's actions (``actions`` rows), oldest first: who did what to which object, and why."""
+    query = select(Action).order_by(Action.at, Action.id)
+    if user:
+        query = query.where(Action.user == user)
+    if action:
+        query = query.where(Action.action == action)
+    if object_type:
+        query = query.where(Action.object_type == object_type)
+    if object_id is not None:
+        query = query.where(Action.object_id == str(object_id))
+    if since:
+        query = query.where(Action.at >= since)
+    if until:
+        query = query.where(Action.at < until)
+    if limit:
+        query = query.limit(limit)
+    return [{"action_id": a.id, "at": _iso(a.at), "user": a.user, "action": a.action, "object_type": a.object_type,
+             "object_id": a.object_id, "reason": a.reason, "details": json.loads(a.details) if a.details else None}
+            for a in session.scalars(query)]
 
 
 def case_id_for_series(session: Session, series_uid: str) -> int | None:

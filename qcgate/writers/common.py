@@ -1,10 +1,14 @@
-"""Helpers every writer needs: source headers highdicom accepts, and synthetic-data labelling."""
+"""Helpers every writer needs: source headers highdicom accepts, saving, and synthetic-data labelling."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.dataset import Dataset
+
+from qcgate.core.results import CaseResult
 
 #: Type 2 attributes highdicom copies from the sources; anonymised real CTs may lack them.
 _TYPE2_COPIED = (
@@ -49,3 +53,25 @@ def source_headers_for_derivation(datasets: Sequence[Dataset]) -> list[Dataset]:
             del copy.SpecificCharacterSet
         prepared.append(copy)
     return prepared
+
+
+@dataclass(frozen=True)
+class DerivationSources:
+    """The case's source headers prepared once (``source_headers_for_derivation``) for every writer."""
+
+    ct: list[Dataset]  # in the order of CaseResult.ct_datasets
+    segmentations: list[Dataset]  # the AI SEGs judged, in the order of CaseResult.segmentation_datasets
+
+
+def prepare_derivation_sources(result: CaseResult) -> DerivationSources:
+    """Prepare the CT and AI SEG headers of ``result`` once; pass the result to each ``build_*``."""
+    return DerivationSources(ct=source_headers_for_derivation(result.ct_datasets),
+                             segmentations=source_headers_for_derivation(result.segmentation_datasets))
+
+
+def save_dataset(dataset: Dataset, out_path: Path) -> Path:
+    """Save a built output as a DICOM file (creating the folder) and return the path."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(out_path, enforce_file_format=True)
+    return out_path

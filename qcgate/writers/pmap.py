@@ -22,7 +22,7 @@ from qcgate import __version__
 from qcgate.errors import InputError
 from qcgate.core.results import CaseResult
 from qcgate.writers import codes as qc_codes
-from qcgate.writers.common import is_synthetic_source, source_headers_for_derivation
+from qcgate.writers.common import DerivationSources, is_synthetic_source, save_dataset, source_headers_for_derivation
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,24 @@ def has_uncertainty_map(result: CaseResult) -> bool:
     return any(item.uncertainty_map is not None for item in result.slices)
 
 
-def build_qc_pmap(result: CaseResult, *, series_number: int = QC_PMAP_SERIES_NUMBER) -> hd.pm.ParametricMap:
-    """The uncertainty Parametric Map as a highdicom dataset; ``write_qc_pmap`` saves it."""
+def build_qc_pmap(result: CaseResult, *, series_number: int = QC_PMAP_SERIES_NUMBER,
+                  sources: DerivationSources | None = None) -> hd.pm.ParametricMap:
+    """The uncertainty Parametric Map as a highdicom dataset; ``write_qc_pmap`` saves it.
+
+    ``sources``: the headers prepared once per job (``prepare_derivation_sources``); else prepared here."""
     items = sorted((item for item in result.slices if item.uncertainty_map is not None), key=lambda s: s.slice_index)
     if not items:
         raise NoUncertaintyMapError("QC Parametric Map: no slice has an uncertainty map")
-    prepared = {str(ds.SOPInstanceUID): ds for ds in source_headers_for_derivation(result.ct_datasets)}
-    sources = []
+    headers = sources.ct if sources is not None else source_headers_for_derivation(result.ct_datasets)
+    prepared = {str(ds.SOPInstanceUID): ds for ds in headers}
+    chosen = []
     for item in items:
         uid = str(item.source_image.SOPInstanceUID)
         if uid not in prepared:
             raise InputError(f"QC Parametric Map: slice {item.slice_index} references an image that is not in the CT series")
-        sources.append(prepared[uid])
+        chosen.append(prepared[uid])
     # highdicom requires frame i to belong to source_images[i]: sort and keep maps with their sources.
-    sorted_sources = hd.spatial.sort_datasets(sources)
+    sorted_sources = hd.spatial.sort_datasets(chosen)
     map_of_uid = {str(item.source_image.SOPInstanceUID): np.asarray(item.uncertainty_map, dtype=np.float32) for item in items}
     shape = (int(sorted_sources[0].Rows), int(sorted_sources[0].Columns))
     frames = []
@@ -108,8 +112,6 @@ def write_qc_pmap(result: CaseResult, out_path: Path) -> Path:
     Raises NoUncertaintyMapError when no slice has an uncertainty map (``has_uncertainty_map``).
     """
     pmap = build_qc_pmap(result)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pmap.save_as(out_path, enforce_file_format=True)
+    out_path = save_dataset(pmap, out_path)
     log.info("wrote QC Parametric Map with %d frame(s) to %s", int(pmap.NumberOfFrames), out_path)
     return out_path

@@ -32,7 +32,7 @@ from qcgate import __version__
 from qcgate.errors import InputError
 from qcgate.core.results import CaseResult, Verdict
 from qcgate.writers import codes as qc_codes
-from qcgate.writers.common import is_synthetic_source, source_headers_for_derivation
+from qcgate.writers.common import DerivationSources, is_synthetic_source, save_dataset, source_headers_for_derivation
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,19 @@ def build_qc_seg(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     series_number: int = QC_SEG_SERIES_NUMBER,
+    sources: DerivationSources | None = None,
 ) -> hd.seg.Segmentation:
-    """The QC SEG as a highdicom dataset (see the module docstring); ``write_qc_seg`` saves it."""
+    """The QC SEG as a highdicom dataset (see the module docstring); ``write_qc_seg`` saves it.
+
+    ``sources``: the headers prepared once per job (``prepare_derivation_sources``); else prepared here."""
     if not result.ct_datasets:
         raise InputError("QC SEG: the case has no source CT datasets")
     if not has_lesion_pixels(result):
         raise NoLesionError("QC SEG: no lesion pixel in any slice; the SR alone reports this case")
 
-    sources = source_headers_for_derivation(result.ct_datasets)
+    prepared = sources.ct if sources is not None else source_headers_for_derivation(result.ct_datasets)
     # highdicom requires pixel_array[i] to belong to source_images[i]: sort once and follow the order.
-    sorted_sources = hd.spatial.sort_datasets(sources)
+    sorted_sources = hd.spatial.sort_datasets(prepared)
     sorted_uids = [str(ds.SOPInstanceUID) for ds in sorted_sources]
     shape = (int(sorted_sources[0].Rows), int(sorted_sources[0].Columns))
     volumes = _verdict_masks(result, sorted_uids, shape)
@@ -172,9 +175,7 @@ def write_qc_seg(result: CaseResult, out_path: Path) -> Path:
     wrong shape.
     """
     seg = build_qc_seg(result)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out_path, enforce_file_format=True)
+    out_path = save_dataset(seg, out_path)
     log.info("wrote QC SEG with %d segment(s), %d frame(s) to %s", len(seg.SegmentSequence),
              int(seg.NumberOfFrames), out_path)
     return out_path

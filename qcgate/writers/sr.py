@@ -39,7 +39,7 @@ from qcgate import __version__
 from qcgate.errors import InputError
 from qcgate.core.results import CaseResult, SliceResult, Verdict
 from qcgate.writers import codes as qc_codes
-from qcgate.writers.common import is_synthetic_source, source_headers_for_derivation
+from qcgate.writers.common import DerivationSources, is_synthetic_source, save_dataset, source_headers_for_derivation
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,15 @@ def build_qc_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     series_number: int = QC_SR_SERIES_NUMBER,
+    sources: DerivationSources | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The QC SR as a highdicom dataset (see the module docstring); ``write_qc_sr`` saves it."""
+    """The QC SR as a highdicom dataset (see the module docstring); ``write_qc_sr`` saves it.
+
+    ``sources``: the headers prepared once per job (``prepare_derivation_sources``); else prepared here."""
     if not result.ct_datasets:
         raise InputError("QC SR: the case has no source CT datasets")
-    sources = source_headers_for_derivation(result.ct_datasets)
-    known_uids = {str(ds.SOPInstanceUID) for ds in sources}
+    ct_sources = sources.ct if sources is not None else source_headers_for_derivation(result.ct_datasets)
+    known_uids = {str(ds.SOPInstanceUID) for ds in ct_sources}
     for item in result.slices:
         if str(item.source_image.SOPInstanceUID) not in known_uids:
             raise InputError(f"QC SR: slice {item.slice_index} references an image that is not in the CT series")
@@ -181,11 +184,11 @@ def build_qc_sr(
         procedure_reported=qc_codes.PROCEDURE_CT,
         imaging_measurements=groups,
     )
-    evidence: list[Dataset] = list(sources)
+    evidence: list[Dataset] = list(ct_sources)
     if qc_seg is not None:
         evidence.append(qc_seg)
-    evidence.extend(source_headers_for_derivation(result.segmentation_datasets))
-    synthetic = is_synthetic_source(sources)
+    evidence.extend(sources.segmentations if sources is not None else source_headers_for_derivation(result.segmentation_datasets))
+    synthetic = is_synthetic_source(ct_sources)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -210,9 +213,7 @@ def write_qc_sr(result: CaseResult, out_path: Path, qc_seg: Dataset | None = Non
     without lesion slices still gets an SR: no slice groups, only the series summary.
     """
     sr = build_qc_sr(result, qc_seg)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(out_path, enforce_file_format=True)
+    out_path = save_dataset(sr, out_path)
     log.info("wrote QC SR with %d lesion slice group(s) to %s", len(result.slices), out_path)
     return out_path
 

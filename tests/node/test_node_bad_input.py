@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from tests.support import (
     EXPLICIT_VR_LE,
@@ -19,6 +20,8 @@ from tests.support import (
     storescu,
     write_synthetic_case,
 )
+
+pytestmark = pytest.mark.slow  # slow tier: malformed input and DCMTK clients against a qcgate serve process
 
 # pydicom's malformed test files, with the transfer syntax their data set is encoded in.
 MALFORMED = [

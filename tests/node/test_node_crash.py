@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from tests.support import dcmtk_env, storescu, write_synthetic_case
+
+pytestmark = pytest.mark.slow  # slow tier: kill -9 of a qcgate serve process during real storescu sends
 
 
 def test_kill9_during_a_send_loses_nothing_that_was_acknowledged(make_gate, tmp_path: Path) -> None:

@@ -7,10 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.support import PYDICOM_TEST_FILES, echoscu, storescu
+
+pytestmark = pytest.mark.slow  # slow tier: real DCMTK clients and TLS against a qcgate serve process
 
 
 def test_a_disallowed_calling_ae_title_is_rejected(make_gate) -> None:

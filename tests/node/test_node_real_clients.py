@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests.support import (
     DCMQI_LIVER,
@@ -15,6 +16,8 @@ from tests.support import (
     write_seg_for_real_ct,
     write_synthetic_case,
 )
+
+pytestmark = pytest.mark.slow  # slow tier: real DCMTK clients against a qcgate serve process
 
 
 def _ready_with_job(cases: list[dict], series_uid: str) -> bool:

@@ -6,8 +6,11 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 
 from tests.support import PYDICOM_TEST_FILES, dataset_bytes_without_meta, echoscu, send_raw_c_store, storescu, write_synthetic_case
+
+pytestmark = pytest.mark.slow  # slow tier: real DCMTK clients and HTTP against a qcgate serve process
 
 
 def metric(text: str, name: str, **labels: str) -> float:

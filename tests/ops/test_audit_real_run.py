@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 
 from tests.support import dcmtk_env, free_port, storescu, write_synthetic_case
+
+pytestmark = pytest.mark.slow  # slow tier: a real storescu -> qcgate serve -> storescp run
 
 
 def _json(gate: Any, *args: str) -> Any:
@@ -37,11 +40,11 @@ def test_real_run_answers_the_three_questions(make_gate, tmp_path: Path) -> None
         while True:
             cases = gate.audit_cases()
             if cases and cases[0]["state"] in ("done", "failed"):
-                sent = _json(gate, "audit", "deliveries", "--series", series_uid, "--kind", "sr")
+                sent = gate.audit_deliveries(series_uid=series_uid, kind="sr")  # polled in-process
                 if cases[0]["state"] == "failed" or (sent and sent[0]["state"] == "sent"):
                     break
             assert time.monotonic() < deadline, f"no verdict in time: {cases}\n{gate.log_text()[-3000:]}"
-            time.sleep(1)
+            time.sleep(0.2)
         case = cases[0]
         assert case["state"] == "done", case["reason"]
         verdict = case["series_verdict"]

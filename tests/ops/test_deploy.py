@@ -37,6 +37,7 @@ def installed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # deploy: runs deploy/install.sh into a temporary root
 def test_install_creates_the_expected_tree(installed_root: Path) -> None:
     root = installed_root
     config = root / "etc/qcgate/qcgate.toml"
@@ -53,6 +54,7 @@ def test_install_creates_the_expected_tree(installed_root: Path) -> None:
     assert not (REPO / "build").exists() or "build" in (REPO / ".gitignore").read_text()
 
 
+@pytest.mark.slow  # deploy: runs deploy/install.sh into a temporary root
 def test_install_again_keeps_the_operators_config(installed_root: Path) -> None:
     config = installed_root / "etc/qcgate/qcgate.toml"
     config.write_text(config.read_text().replace('ae_title = "QCGATE"', 'ae_title = "SITEGATE"', 1))
@@ -62,6 +64,7 @@ def test_install_again_keeps_the_operators_config(installed_root: Path) -> None:
     assert (installed_root / "etc/qcgate/qcgate.toml.example").read_text() == EXAMPLE.read_text()
 
 
+@pytest.mark.slow  # deploy: runs deploy/install.sh into a temporary root
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_installed_units_pass_systemd_analyze_verify(installed_root: Path) -> None:
     units = [installed_root / "etc/systemd/system" / name for name in ("qcgate.service", "qcgate-retention.service", "qcgate-retention.timer")]

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # slow tier: the fault and load harness
+
 REPO = Path(__file__).resolve().parents[2]
 
 

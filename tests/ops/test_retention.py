@@ -148,6 +148,7 @@ def test_retention_command_dry_run_reports_json(filled: Any, tmp_path: Path) -> 
     assert len(_ages(engine)) == N_CASES  # a dry run deletes nothing
 
 
+@pytest.mark.slow  # a qcgate serve process and real storescu sends
 def test_a_series_resent_after_retention_is_stored_again(make_gate, tmp_path: Path) -> None:
     import time
 

@@ -20,6 +20,8 @@ from tests.support import (
     write_phantom_case,
 )
 
+pytestmark = pytest.mark.slow  # slow tier: storescu -> qcgate serve -> QC job -> storescp, kill -9
+
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -125,11 +127,7 @@ def test_a_synthetic_case_flows_from_storescu_to_the_pacs(make_gate, pacs: Store
 
 
 def gate_deliveries(gate) -> list[dict]:  # type: ignore[no-untyped-def]
-    import json
-
-    result = gate.cli("audit", "deliveries", "--format", "json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return gate.audit_deliveries()  # polled: read from the database, not a CLI process per poll
 
 
 def gate_case(gate, case_id: int = 1) -> dict:  # type: ignore[no-untyped-def]

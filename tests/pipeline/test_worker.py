@@ -57,3 +57,68 @@ def test_two_members_give_ensemble_agreement_and_an_uncertainty_map() -> None:
     assert item.uncertainty is not None and item.uncertainty["um_mean"] > 0
     expected = Verdict.ACCEPT if item.q >= item.tau + 0.05 else Verdict.REJECT if item.q < item.tau - 0.05 else Verdict.REVIEW
     assert item.verdict is expected
+
+
+def test_a_job_extracts_features_once_and_writes_outputs_without_reading_them_back(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pydicom
+
+    import qcgate.features
+    import qcgate.writers.common as common
+    from qcgate.pipeline.loading import load_ct_series, load_seg_member
+    from qcgate.pipeline.worker import write_case_outputs
+    from qcgate.writers import pmap, seg, sr
+    from qcgate.writers.validate import dciodvfy_errors
+    from tests.support import write_synthetic_case
+
+    ct_files, seg_file = write_synthetic_case(tmp_path / "in", n_slices=4, size=64)
+    ct = load_ct_series(ct_files)
+    member = load_seg_member(seg_file, ct, ["lesion"])
+    assert member is not None
+    extractions: list[int] = []
+    original = qcgate.features.extract_slice_features
+    monkeypatch.setattr(qcgate.features, "extract_slice_features",
+                        lambda *a, **k: extractions.append(1) or original(*a, **k))
+    settings = PipelineSettings(write_uncertainty_map=True)
+    result = judge_case(ct, [member, member], settings, load_threshold_model("lidc-geometry"), StageTimer())
+    assert result.slices and len(extractions) == len(result.slices)  # once per lesion slice and job
+
+    prepared: list[int] = []
+    prepare = common.source_headers_for_derivation
+    monkeypatch.setattr(common, "source_headers_for_derivation", lambda ds: prepared.append(1) or prepare(ds))
+    for module in (seg, sr, pmap):  # writers use the headers prepared once, never their own
+        monkeypatch.setattr(module, "source_headers_for_derivation", lambda ds: pytest.fail("prepared again"))
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: pytest.fail("an output was read back"))
+    outputs = write_case_outputs(result, tmp_path / "out", settings, ct.hu, StageTimer())
+    monkeypatch.undo()
+    assert prepared == [1, 1]  # the CT headers once, the AI SEG headers once
+    assert sorted(outputs) == ["pmap", "report", "seg", "sr"]
+    for kind in ("seg", "pmap", "sr"):
+        path, dataset = outputs[kind]
+        on_disk = pydicom.dcmread(path, stop_before_pixels=True)
+        assert dataset is not None and on_disk.SOPInstanceUID == dataset.SOPInstanceUID
+        assert on_disk.SOPClassUID == dataset.SOPClassUID
+        assert dciodvfy_errors(path) == [], kind
+    evidence = {str(item.ReferencedSOPInstanceUID) for series in outputs["sr"][1].CurrentRequestedProcedureEvidenceSequence
+                for ref in series.ReferencedSeriesSequence for item in ref.ReferencedSOPSequence}
+    assert str(outputs["seg"][1].SOPInstanceUID) in evidence
+
+
+def test_enhanced_ct_is_refused_by_default_and_fails_with_a_stated_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import highdicom as hd
+    import pydicom
+
+    from qcgate.config import NodeSettings
+    from qcgate.core.dicom import ENHANCED_CT_IMAGE_STORAGE
+    from qcgate.pipeline.loading import JobFailure, load_ct_series
+    from tests.support import write_synthetic_case
+
+    assert NodeSettings().accept_enhanced_ct is False  # the node does not accept what the worker cannot process
+    ct_files, _ = write_synthetic_case(tmp_path / "in", n_slices=3, size=32)
+    legacy = [pydicom.dcmread(p) for p in ct_files]
+    converted = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=99,
+                                                         sop_instance_uid=hd.UID(), instance_number=1)
+    converted.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE  # SYNTHETIC: labelled as a true Enhanced CT
+    path = tmp_path / "enhanced.dcm"
+    converted.save_as(path, enforce_file_format=True)
+    with pytest.raises(JobFailure, match="accept_enhanced_ct"):
+        load_ct_series([path])

@@ -106,3 +106,39 @@ def test_resnet_has_62_layers_and_a_sigmoid_output() -> None:
     with torch.inference_mode():
         out = network(torch.randn(4, 3, 64, 64) * 50)
     assert out.shape == (4,) and torch.all((out >= 0) & (out <= 1))
+
+
+def _count_extractions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import qcgate.features
+
+    calls: list[int] = []
+    original = qcgate.features.extract_slice_features
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(qcgate.features, "extract_slice_features", counting)
+    return calls
+
+
+@pytest.mark.parametrize("use_uncertainty", [True, False])
+def test_assess_extracts_features_once_per_slice_and_matches_predict(
+        tiny_model_dir: Path, tiny_cohort, monkeypatch: pytest.MonkeyPatch, use_uncertainty: bool) -> None:
+    from qcgate.predictors import SliceAssessment, ThresholdPredictor
+
+    model = load_model(tiny_model_dir)
+    assert isinstance(model, ThresholdPredictor)
+    slices = _inputs(tiny_cohort, 4)
+    slices[1].uncertainty_map = None  # a mixed batch: both Ridge variants answer
+    expected_tau = model.predict(slices, use_uncertainty=use_uncertainty)
+    calls = _count_extractions(monkeypatch)
+    assessed = model.assess(slices, use_uncertainty=use_uncertainty, top=4)
+    lesion = sum(bool(s.ai_mask.any()) for s in slices)
+    assert len(calls) == lesion  # once per lesion slice (predict + key_features took two)
+    assert all(isinstance(a, SliceAssessment) for a in assessed)
+    assert np.allclose([a.tau for a in assessed], expected_tau)
+    if use_uncertainty:  # the worker's setting: the Ridge that answers is the one key_features explains
+        assert [a.key_features for a in assessed] == model.key_features(slices, top=4)
+    assert model.validation_mae_for(use_uncertainty) == (
+        model.validation_mae if use_uncertainty else model.validation_mae_without_uncertainty)
