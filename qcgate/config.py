@@ -121,7 +121,11 @@ class PipelineSettings(_Section):
     workers: int = Field(default=1, ge=0, le=64, description="processes in the local job pool; 0: this process only queues jobs")
     job_timeout_seconds: float = Field(default=900.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1, description="a job interrupted this often is failed")
-    margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin; default the model's validation MAE")
+    margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin with a reference reader's SEG; default tau's validation MAE")
+    max_missed_bad: float = Field(default=0.10, gt=0, lt=1, description="decision band target: the largest share of "
+                                  "bad AI slices accepted (class-conditional split-conformal on q - tau)")
+    max_rejected_good: float = Field(default=0.10, gt=0, lt=1, description="decision band target: the largest share "
+                                     "of good AI slices rejected")
     series_policy: str = Field(default="strict", description="strict | fraction")
     reject_fraction: float = Field(default=0.25, gt=0, le=1, description="for series_policy = fraction")
     lesion_segment_labels: list[str] = Field(default_factory=lambda: ["lesion"])

@@ -43,8 +43,11 @@ whatever the order of the work):
    under-confident  0.25   κ = 2.5, then a Gaussian blur σ 1-2 px
    ================ ====== =====================================================
 
-   Dropped parts keep a sub-threshold logit U(−1.2, −0.2)/κ (a calibrated AI half-sees what it
-   missed), spurious blobs a supra-threshold logit U(0.2, 1.2)/κ (it is unsure of them).
+   Where the simulated mask and the template disagree, the AI is unsure: pixels the error removed
+   (erosion, shift, dropped parts) keep a sub-threshold logit U(−1.2, −0.2)/κ (a calibrated AI
+   half-sees what it missed), pixels it added (dilation, shift, spurious blobs) a supra-threshold
+   logit U(0.2, 1.2)/κ (it doubts them). Over-confident maps (small κ) push these towards 0/1: the
+   probability map then hides the error, as a confidently wrong network does.
 
 These are modelling choices, not measurements of any real network: a q estimator trained on them
 learns these errors. The phantom's own AI members (``--ai members``) are the check that it transfers.
@@ -214,8 +217,11 @@ def simulate_ai(reader_masks: Sequence[np.ndarray], rng: np.random.Generator, *,
         if not mask.any():
             empty = np.zeros((members, *mask.shape), np.float32)
             return SimulatedAI(empty[0], empty, template, kind, confidence, magnitude)
-    dropped &= ~mask
-    spurious &= mask
+    # Where the simulated mask and the template disagree, the AI is unsure (logits near 0, on its side
+    # of ½): an AI that is calibrated half-sees what it missed and doubts what it added.
+    template_mask = np.asarray(reader_masks[template], dtype=bool)
+    dropped = (dropped | (template_mask & ~mask)) & ~mask
+    spurious = (spurious | (mask & ~template_mask)) & mask
     width = 0.6 + 0.5 * magnitude
     maps = np.stack([_member_map(mask, dropped, spurious, rng, confidence, width) for _ in range(members)])
     return SimulatedAI(maps.mean(axis=0).astype(np.float32), maps, template, kind, confidence, magnitude)

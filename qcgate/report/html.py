@@ -81,9 +81,13 @@ def _tau_q_plot(result: CaseResult) -> str:
     figure, axis = plt.subplots(figsize=(6, 2.6))
     index = [s.slice_index for s in result.slices]
     tau = np.array([s.tau for s in result.slices])
-    margin = np.array([s.margin for s in result.slices])
+    # The band: accept at or above tau + m_accept, reject below tau - m_reject (infinite = never).
+    upper = np.array([np.nan if s.margin is None else s.margin for s in result.slices], dtype=float)
+    lower = np.array([np.nan if (m := s.margin if s.margin_reject is None else s.margin_reject) is None else m
+                      for s in result.slices], dtype=float)
     axis.plot(index, tau, "-", color="#1565c0", label="τ (image-specific threshold)")
-    axis.fill_between(index, tau - margin, tau + margin, color="#1565c0", alpha=0.15, label="τ ± margin")
+    axis.fill_between(index, np.clip(tau - lower, -0.02, 1.02), np.clip(tau + upper, -0.02, 1.02), color="#1565c0",
+                      alpha=0.15, label="review band")
     for item in result.slices:
         if item.q is not None:
             axis.plot(item.slice_index, item.q, "o", color=_COLOURS[item.verdict], markersize=4)
@@ -94,6 +98,13 @@ def _tau_q_plot(result: CaseResult) -> str:
     encoded = _png(figure)
     plt.close(figure)
     return encoded
+
+
+def _band_text(item) -> str:
+    def fmt(value) -> str:
+        return "never" if value is None or not np.isfinite(value) else f"{value:+.3f}"
+    reject = item.margin if item.margin_reject is None else item.margin_reject
+    return f"{fmt(item.margin)} / {fmt(reject)}"
 
 
 def write_case_report(result: CaseResult, out_path: Path, image_hu: np.ndarray | None = None) -> Path:
@@ -111,14 +122,23 @@ def write_case_report(result: CaseResult, out_path: Path, image_hu: np.ndarray |
         f"{html.escape(result.model_version)}; quality source: {html.escape(result.q_source)}; "
         f"{result.n_members} ensemble member(s); uncertainty map {'used' if result.uses_uncertainty else 'not used'}.</p>",
     ]
+    if result.synthetic_model:
+        parts.insert(3, f"<p style='color:#b71c1c;font-weight:bold'>SYNTHETIC threshold model "
+                        f"{html.escape(result.model_name)} {html.escape(result.model_version)}: trained on generated "
+                        "data, for demos and tests only; these verdicts are not for clinical decisions.</p>")
+    if result.verdict_rule:
+        mae = "" if result.q_validation_mae is None else f" (q validation MAE {result.q_validation_mae:.3f})"
+        parts.append(f"<p>Verdict rule{mae}: {html.escape(result.verdict_rule)}.</p>")
+    if result.reasons:
+        parts.append("<p>Forced to review: " + "; ".join(html.escape(r) for r in result.reasons) + "</p>")
     if result.notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>")
     if result.slices:
         parts.append(f"<img alt='tau and q per slice' src='data:image/png;base64,{_tau_q_plot(result)}'>")
-        parts.append("<table><tr><th>slice</th><th>τ</th><th>q</th><th>margin</th><th>area mm²</th><th>verdict</th></tr>")
+        parts.append("<table><tr><th>slice</th><th>τ</th><th>q</th><th>band (accept ≥ τ+, reject < τ−)</th><th>area mm²</th><th>verdict</th></tr>")
         for item in result.slices:
             q = "—" if item.q is None else f"{item.q:.3f}"
-            parts.append(f"<tr><td>{item.slice_index}</td><td>{item.tau:.3f}</td><td>{q}</td><td>{item.margin:.3f}</td>"
+            parts.append(f"<tr><td>{item.slice_index}</td><td>{item.tau:.3f}</td><td>{q}</td><td>{_band_text(item)}</td>"
                          f"<td>{item.lesion_area_mm2:.1f}</td><td class='v' style='color:{_COLOURS[item.verdict]}'>{item.verdict.value}</td></tr>")
         parts.append("</table><h2>Lesion slices</h2>")
         for item in result.slices[:_MAX_THUMBNAILS]:
