@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("cohort", type=Path, metavar="COHORT")
         sub.add_argument("--model", type=Path, default=None, dest="model_dir", metavar="DIR",
                          required=command == "train-gate")
-        sub.add_argument("--ai", choices=("members", "simulated", "leave-one-reader-out"), default="simulated",
+        sub.add_argument("--ai", choices=("members", "simulated", "leave-one-reader-out", "members+simulated"),
+                         default="simulated",
                          help="where the AI segmentations come from (default simulated: the documented error "
                          "family of qcgate.predictors.simulated_ai on real reader outlines)")
         sub.add_argument("--seed", type=int, default=0, help="seed of the simulated AI and the bootstrap (default 0)")

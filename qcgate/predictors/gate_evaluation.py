@@ -51,7 +51,7 @@ from qcgate.predictors.quality import (
     QualityEstimators, fit_temperature, pixel_sample, slice_quality_features, soft_dice_at, soft_dice_grid,
 )
 
-AI_SOURCES = ("simulated", "members", "leave-one-reader-out")
+AI_SOURCES = ("simulated", "members", "leave-one-reader-out", "members+simulated")
 BOOTSTRAP = 500
 GLOBAL_BASELINE = "global threshold + raw ensemble agreement"
 TAU_BASELINE = "τ + raw ensemble agreement"
@@ -169,6 +169,18 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
 
     if ai not in AI_SOURCES:
         raise InputError(f"--ai must be one of {AI_SOURCES}, got {ai!r}")
+    if ai == "members+simulated":  # both AI sources, one sample set (the phantom supports both)
+        first = build_gate_samples(cohort, ai="members", seed=seed, position_map=position_map, groups=groups,
+                                   model=model, members=members, progress=progress)
+        second = build_gate_samples(cohort, ai="simulated", seed=seed, position_map=position_map, groups=groups,
+                                    model=model, members=members, progress=progress)
+        for name in ("patients", "case_ids", "slice_indices", "dice_ai", "dsc_lesion", "kinds", "confidence",
+                     "features", "grids", "pixel_logits", "pixel_targets", "model_tau"):
+            getattr(first, name).extend(getattr(second, name))
+        first.missed += second.missed
+        first.ai_source = ai
+        first.n_members = max(first.n_members, second.n_members)
+        return first
     if ai == "members" and not any(c.ai_probabilities is not None for c in cohort.cases):
         raise InputError(f"{cohort.name}: --ai members needs AI members in the cohort (ai_probabilities); "
                          "LIDC has masks only: use --ai simulated or leave-one-reader-out")
