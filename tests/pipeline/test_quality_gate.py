@@ -153,3 +153,31 @@ def test_phantom_weak_two_member_ai_is_mostly_rejected_and_a_good_ai_mostly_acce
     good_accepted = np.mean([v is Verdict.ACCEPT for v in verdicts["good"]])
     assert weak_rejected > 0.5 and np.mean([v is Verdict.ACCEPT for v in verdicts["weak"]]) < 0.1, verdicts["weak"]
     assert good_accepted > 0.5, verdicts["good"]
+
+
+def test_a_synthetic_model_on_a_real_ct_is_flagged_in_seg_sr_and_report(tmp_path: Path) -> None:
+    import pydicom
+
+    from qcgate.pipeline.loading import load_ct_series, load_seg_member
+    from qcgate.pipeline.worker import write_case_outputs
+    from qcgate.writers.sr import read_qc_sr
+    from qcgate.writers.validate import dciodvfy_errors
+    from tests.support import write_lung2_case
+
+    ct_files, member_files = write_lung2_case(tmp_path / "lung2")  # a real chest CT, not synthetic
+    ct = load_ct_series(ct_files)
+    members = [load_seg_member(p, ct, ["lesion"]) for p in member_files]
+    result = judge_case(ct, [m for m in members if m is not None], PipelineSettings(),
+                        load_threshold_model("phantom-full"), StageTimer())
+    assert result.synthetic_model and result.slices and not result.reasons
+    outputs = write_case_outputs(result, tmp_path / "out", PipelineSettings(), ct.hu)
+    report = read_qc_sr(outputs["sr"][0])
+    assert report.synthetic_model.startswith("SYNTHETIC model phantom-full")
+    assert report.observer_model_name.endswith("SYNTHETIC")
+    assert report.q_source == result.q_source and report.q_validation_mae == pytest.approx(result.q_validation_mae)
+    assert "conformal" in report.verdict_rule
+    seg = pydicom.dcmread(outputs["seg"][0], stop_before_pixels=True)
+    assert "SYNTHETIC threshold model" in str(seg.ImageComments) and str(seg.SeriesDescription).startswith("SYNTHETIC")
+    assert "SYNTHETIC threshold model" in outputs["report"][0].read_text()
+    for kind in ("seg", "sr"):
+        assert dciodvfy_errors(outputs[kind][0]) == [], kind
