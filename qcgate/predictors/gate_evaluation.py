@@ -129,8 +129,6 @@ def _pad(case: Case, array: np.ndarray | None, pads: tuple[int, int, int, int], 
 def _slice_arrays(case: Case, k: int, pad: int):
     """Reader masks, image, lung, members of slice k, a cropped case padded by up to ``pad`` px inside
     its frame; with the new offset."""
-    from qcgate.predictors.simulated_ai import PAD_PX  # noqa: F401  (documented default)
-
     masks = [m[k] for m in case.reader_masks.values()]
     rows, cols = masks[0].shape
     if case.frame_shape is None:
