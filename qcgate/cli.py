@@ -21,6 +21,8 @@ from qcgate.errors import QcgateError
 COMMAND_MODULES: tuple[str, ...] = (
     "qcgate.commands.node",
     "qcgate.commands.store",
+    "qcgate.commands.users",
+    "qcgate.commands.review",
     "qcgate.commands.science",
     "qcgate.commands.pipeline",
     "qcgate.commands.predictors",

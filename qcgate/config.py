@@ -6,6 +6,7 @@ warnings: a misspelt ``stable_secnds`` must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -29,6 +30,24 @@ def _check_ae_title(value: str) -> str:
     if not stripped or not _AE_TITLE.match(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-{AE_MAX_LENGTH} printable characters, no backslash)")
     return stripped
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _check_host_entry(value: str) -> str:
+    """An IP address, a CIDR network, or a host name (resolved when the node starts)."""
+    entry = value.strip()
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return entry
+    except ValueError:
+        pass
+    if not entry or "/" in entry or ":" in entry:  # meant as an address or a network
+        raise ValueError(f"{value!r} is not a valid IP address or CIDR network")
+    if re.fullmatch(r"[0-9.]+", entry) or not _HOST_NAME.match(entry):
+        raise ValueError(f"{value!r} is not an IP address, a CIDR network or a host name")
+    return entry
 
 
 class TlsSettings(_Section):
@@ -57,10 +76,17 @@ class NodeSettings(_Section):
     port: int = Field(default=11112, ge=1, le=65535)
     require_called_ae_title: bool = True
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
-    allowed_hosts: list[str] = Field(default_factory=list)
-    max_associations: int = Field(default=16, ge=1, le=1024)
+    allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses, CIDR networks, or names resolved at start")
+    max_associations: int = Field(default=16, ge=1, le=1024, description="concurrent negotiated associations")
     max_pdu_bytes: int = Field(default=4_194_304, ge=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
+    association_request_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="from accept to a complete A-ASSOCIATE-RQ (TLS handshake included)")
+    max_pending_connections: int = Field(
+        default=32, ge=1, le=4096, description="connections that have not sent their A-ASSOCIATE-RQ; the oldest is closed past it")
+    max_connections_per_host: int = Field(default=32, ge=1, le=4096, description="concurrent TCP connections from one address")
+    max_association_request_bytes: int = Field(
+        default=65_536, ge=4096, le=16_777_216, description="largest PDU accepted before association (an A-ASSOCIATE-RQ is a few KB)")
     # Off by default: the QC worker does not process Enhanced (multi-frame) CT yet; such jobs would fail.
     accept_enhanced_ct: bool = False
     tls: TlsSettings = Field(default_factory=TlsSettings)
@@ -74,6 +100,11 @@ class NodeSettings(_Section):
     @classmethod
     def _aes(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        return [_check_host_entry(v) for v in values]
 
 
 class StorageSettings(_Section):
@@ -120,7 +151,10 @@ class PipelineSettings(_Section):
     model: str = Field(default="lidc-geometry", description="a directory under models/, or a path")
     workers: int = Field(default=1, ge=0, le=64, description="processes in the local job pool; 0: this process only queues jobs")
     job_timeout_seconds: float = Field(default=900.0, gt=0)
-    max_job_attempts: int = Field(default=3, ge=1, description="a job interrupted this often is failed")
+    max_job_attempts: int = Field(default=3, ge=1, description="a job whose worker died, timed out or lost its lease this often is failed")
+    lease_seconds: float = Field(default=60.0, gt=0, description="a running job whose lease is this old is re-queued by any dispatcher")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a dispatcher renews the leases of its running jobs")
+    job_memory_limit_mb: int = Field(default=4096, ge=0, description="address-space limit of each worker process (RLIMIT_AS); 0: none")
     margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin with a reference reader's SEG; default tau's validation MAE")
     max_missed_bad: float = Field(default=0.10, gt=0, lt=1, description="decision band target: the largest share of "
                                   "bad AI slices accepted (class-conditional split-conformal on q - tau)")
@@ -138,6 +172,12 @@ class PipelineSettings(_Section):
         if value not in {"strict", "fraction"}:
             raise ValueError(f"{value!r} is not one of strict, fraction")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "PipelineSettings":
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("pipeline.lease_seconds must be at least twice pipeline.heartbeat_seconds")
+        return self
 
 
 _DESTINATION = re.compile(rf"^(?P<ae>[^@]{{1,{AE_MAX_LENGTH}}})@(?P<host>[^:@]+):(?P<port>\d{{1,5}})$")
@@ -188,7 +228,8 @@ class DeliverySettings(_Section):
 
 
 class ObservabilitySettings(_Section):
-    """The HTTP endpoint for Prometheus (/metrics) and health checks (/healthz)."""
+    """What /metrics and /healthz report. ``enabled``, ``host`` and ``port`` are the old names of the
+    HTTP server's settings, still honoured where ``[http]`` leaves them unset (see ``HttpSettings``)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -196,6 +237,34 @@ class ObservabilitySettings(_Section):
     failed_jobs_unhealthy: int = Field(default=5, ge=1, description="/healthz fails when this many of the latest jobs all failed")
     dead_letters_unhealthy: int = Field(default=10, ge=1, description="/healthz fails when this many deliveries died within dead_letter_window_hours")
     dead_letter_window_hours: float = Field(default=24.0, gt=0, description="how far back dead letters count for /healthz")
+
+
+class HttpSettings(_Section):
+    """The one HTTP server of `qcgate serve`: the web console, /api, /metrics and /healthz.
+
+    ``enabled``, ``host`` and ``port`` left unset fall back to ``observability.enabled``, ``.host``
+    and ``.port`` (their names before the console existed), so an older settings file keeps its port.
+    """
+
+    enabled: bool | None = Field(default=None, description="default observability.enabled (true)")
+    host: str | None = Field(default=None, description="default observability.host (127.0.0.1: loopback only)")
+    port: int | None = Field(default=None, ge=0, le=65535, description="default observability.port (9464); 0: any free port")
+    tls_cert_file: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM)")
+    tls_key_file: Path | None = None
+    secure_cookies: bool = Field(default=False, description="mark cookies Secure without TLS here (behind a TLS proxy)")
+    session_hours: float = Field(default=12.0, gt=0, description="a console login lasts this long")
+    login_attempts_per_minute: int = Field(default=5, ge=1, description="failed logins allowed per user name and per address")
+    page_size: int = Field(default=50, ge=1, le=1000, description="rows per page in the console's lists")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "HttpSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("http.tls_cert_file and http.tls_key_file go together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class LoggingSettings(_Section):
@@ -221,7 +290,20 @@ class Settings(_Section):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @property
+    def http_enabled(self) -> bool:
+        """Whether `qcgate serve` runs the HTTP server: http.enabled, else observability.enabled."""
+        return self.http.enabled if self.http.enabled is not None else self.observability.enabled
+
+    @property
+    def http_bind(self) -> tuple[str, int]:
+        """(host, port) of the HTTP server: http.host/port, else observability.host/port."""
+        host = self.http.host if self.http.host is not None else self.observability.host
+        port = self.http.port if self.http.port is not None else self.observability.port
+        return host, port
 
     @property
     def database_url(self) -> str:
@@ -247,6 +329,11 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     storage = raw.get("storage")
     if isinstance(storage, dict) and isinstance(storage.get("data_dir"), str):
         storage["data_dir"] = str((base / storage["data_dir"]).resolve())
+    http = raw.get("http")
+    if isinstance(http, dict):
+        for key in ("tls_cert_file", "tls_key_file"):
+            if isinstance(http.get(key), str):
+                http[key] = str((base / http[key]).resolve())
     tls = raw.get("node", {}).get("tls") if isinstance(raw.get("node"), dict) else None
     if isinstance(tls, dict):
         for key in ("cert_file", "key_file", "ca_file"):

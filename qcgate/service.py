@@ -12,11 +12,13 @@ from qcgate.config import Settings
 from qcgate.errors import ConfigError
 from qcgate.delivery.outbox import Outbox
 from qcgate import systemd
-from qcgate.node.ingest import Ingestor
+from qcgate.node import pynetdicom_adapter
+from qcgate.node.ingest import DISK_REFUSAL_WINDOW_SECONDS, Ingestor
 from qcgate.node.scp import GateNode
 from qcgate.node.spool import Spool
 from qcgate.observability.health import latest_job_health, recent_dead_letters
-from qcgate.observability.http import ObservabilityServer
+from qcgate.console.app import create_app
+from qcgate.observability.http import HttpServer, observability_routes
 from qcgate.observability.metrics import MetricsRegistry, render
 from qcgate.pipeline.assembler import AssemblerThread
 from qcgate.pipeline.dispatcher import Dispatcher
@@ -26,7 +28,7 @@ from qcgate.store.database import create_db_engine, make_session_factory, upgrad
 LOG = logging.getLogger("qcgate.service")
 
 # Checks a restart would not fix: /healthz reports them, the watchdog ignores them.
-NOT_LIVENESS = ("disk_above_watermark", "model", "recent_jobs", "dead_letters")
+NOT_LIVENESS = ("disk_above_watermark", "no_recent_disk_refusals", "model", "recent_jobs", "dead_letters")
 
 
 class GateService:
@@ -34,6 +36,9 @@ class GateService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Process wiring, once: received data sets stream to files that the node places in its
+        # spool per association (pynetdicom's chunked receive is a process-wide switch).
+        pynetdicom_adapter.install()
         self.engine = create_db_engine(settings.database_url)
         upgrade_database(self.engine)
         self.session_factory = make_session_factory(self.engine)
@@ -48,12 +53,17 @@ class GateService:
             LOG.info("threshold model %s verified", verify_configured_model(settings))
         self.outbox = Outbox(settings.delivery, self.session_factory, self.spool.data_dir, settings.node.ae_title)
         self._stopped = threading.Event()
-        observability = settings.observability
-        self.http = ObservabilityServer(
-            observability.host, observability.port,
-            metrics=lambda: render(self.metrics, self.session_factory, self.is_alive),
-            health=self.health_checks, details=self.health_details,
-        ) if observability.enabled else None
+        self.http = self._http_server() if settings.http_enabled else None
+
+    def _http_server(self) -> HttpServer:
+        """One HTTP server on http.host:port: the web console, /api, /metrics and /healthz."""
+        host, port = self.settings.http_bind
+        observability = observability_routes(lambda: render(self.metrics, self.session_factory, self.is_alive),
+                                             self.health_checks, self.health_details)
+        app = create_app(self.settings, self.session_factory, extra_routes=observability,
+                         health=self.health_checks, details=self.health_details)
+        http = self.settings.http
+        return HttpServer(host, port, app, cert_file=http.tls_cert_file, key_file=http.tls_key_file)
 
     def start(self) -> None:
         leftovers = self.spool.purge_incoming()
@@ -87,6 +97,10 @@ class GateService:
             LOG.error("health: spool not writable: %s", exc)
             checks["spool_writable"] = False
         checks["disk_above_watermark"] = not self.ingestor.disk_is_low()
+        recent = self.ingestor.recent_disk_refusals()
+        if recent:
+            LOG.warning("health: %d instance(s) refused for disk space in the last %.0f s", recent, DISK_REFUSAL_WINDOW_SECONDS)
+        checks["no_recent_disk_refusals"] = recent == 0
         checks["assembler"] = self.assembler.is_alive()
         checks["workers"] = self.dispatcher is None or self.dispatcher.is_alive()
         checks["delivery"] = all(worker.is_alive() for worker in self.outbox.workers)

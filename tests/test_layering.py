@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"science", "phantom", "observability"},  # the difficulty analysis; synthetic cohorts; metrics
     {"predictors", "writers", "report", "delivery", "node"},  # threshold models; outputs; outbox; the network node
     {"pipeline"},  # assembler, dispatcher, worker: the stages wired into a job
+    {"console"},  # the web console and /api (served by service)
     {"service", "systemd", "commands", "demo", "cli"},  # process wiring, the systemd handshake and the command line
 ]
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}

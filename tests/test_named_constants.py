@@ -7,7 +7,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from qcgate.core.refusals import DIMSE_STATUS, STATUS_CANNOT_UNDERSTAND, RefusalCode, dimse_status_for
-from qcgate.node import ingest
 from qcgate.store.database import upgrade_database
 from qcgate.store.models import REASON_CODE_LENGTH, Base
 
@@ -18,10 +17,11 @@ def test_every_refusal_code_fits_its_column_and_has_a_status() -> None:
     assert dimse_status_for("no-such-code") == STATUS_CANNOT_UNDERSTAND
 
 
-def test_the_nodes_status_table_agrees_with_core_refusals() -> None:
-    # Until the node imports qcgate.core.refusals, its own table must say the same.
-    for code, status in ingest._STATUS_FOR_CODE.items():
-        assert dimse_status_for(code) == status, code
+def test_the_node_answers_with_core_refusals() -> None:
+    from qcgate.node import refusals as node_refusals
+
+    assert node_refusals.STATUS_FOR_CODE is DIMSE_STATUS and node_refusals.status_for is dimse_status_for
+    assert all(getattr(node_refusals, code.name) is code for code in RefusalCode)
 
 
 def test_the_migrations_build_the_models_column_widths() -> None:

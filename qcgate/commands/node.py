@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
         assembly={"stable_seconds": args.stable_seconds},
         pipeline={"model": args.model, "workers": args.workers},
         delivery={"destinations": args.destination or None},
+        http={"port": args.http_port},
     )
     configure_logging(settings.logging)
     GateService(settings).run_forever()
@@ -48,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="send the QC SEG and SR here (repeatable; replaces the file's list)")
     serve.add_argument("--model", help="threshold model: a name under models/ or a directory")
     serve.add_argument("--workers", type=int, help="QC worker processes")
+    serve.add_argument("--http-port", type=int, metavar="N",
+                       help="port of the web console, /api, /metrics and /healthz (default 9464; 0: any free port)")
     serve.set_defaults(handler=_serve)
 
     check = subparsers.add_parser("check-config", help="validate a TOML settings file")

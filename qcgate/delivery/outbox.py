@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,6 +52,9 @@ class AttemptOutcome:
     message: str
 
 
+PEER_ABORT_GRACE_SECONDS = 0.5
+
+
 def backoff_seconds(attempt: int, settings: DeliverySettings) -> float:
     """Delay before the next try after ``attempt`` consecutive failures: min(base · 2^(attempt−1), max)."""
     exponent = min(max(attempt - 1, 0), 60)  # 2^60·base is past any cap; avoids float overflow
@@ -67,7 +71,14 @@ def send_dataset(dataset: Any, destination: Destination, calling_ae: str, timeou
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(dataset.SOPClassUID, [str(dataset.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    peer_aborted = threading.Event()
+
+    def on_acse_received(event: Any) -> None:
+        if isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
+            peer_aborted.set()
+
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_received)])
     if assoc.is_rejected:
         result = getattr(assoc.acceptor, "primitive", None)
         permanent = result is not None and getattr(result, "result", None) == 0x01
@@ -83,6 +94,11 @@ def send_dataset(dataset: Any, destination: Destination, calling_ae: str, timeou
             return AttemptOutcome("permanent", None, f"destination accepts no presentation context for {dataset.SOPClassUID}")
         status = assoc.send_c_store(dataset)
         if status is None or "Status" not in status:
+            # The peer's A-ABORT is read by the association's own thread, a moment after the empty answer.
+            if peer_aborted.wait(PEER_ABORT_GRACE_SECONDS):
+                # Orthanc, for one, accepts the association of an AE it does not know and aborts on the request.
+                return AttemptOutcome("transient", None, "the destination aborted the association on C-STORE "
+                                      "(not authorised? check its AE title and IP host check for this gate)")
             return AttemptOutcome("transient", None, "no C-STORE response (connection lost or timed out)")
         code = int(status.Status)
         if code == 0x0000 or 0xB000 <= code <= 0xBFFF:

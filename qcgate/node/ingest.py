@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.core.dicom import InstanceHeader
+from qcgate.node import refusals as R
 from qcgate.node.dicom_header import HeaderError, read_header
 from qcgate.node.spool import Spool, sha256_of_file
 from qcgate.store.cases import case_series_for, get_or_create_case_id, touch_case
@@ -26,21 +29,7 @@ from qcgate.store.models import Instance, RefusedInstance, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.ingest")
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900  # data set does not match SOP class / lacks what it needs
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
-
-_STATUS_FOR_CODE = {
-    "unparseable": STATUS_CANNOT_UNDERSTAND,
-    "missing-attribute": STATUS_DATASET_MISMATCH,
-    "invalid-attribute": STATUS_DATASET_MISMATCH,
-    "unsupported": STATUS_DATASET_MISMATCH,
-    "uid-mismatch": STATUS_DATASET_MISMATCH,
-    "disk-full": STATUS_OUT_OF_RESOURCES,
-}
-
+DISK_REFUSAL_WINDOW_SECONDS = 300.0  # /healthz reports disk refusals this recent
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -65,17 +54,44 @@ class Ingestor:
         # SOP instance must not both rename into one path. It is short (rename, fsync, one commit).
         self._write_lock = threading.Lock()
         self._case_ids: dict[str, int] = {}  # CT series UID -> case id; cases are never renumbered
+        self._disk_refusals: deque[float] = deque(maxlen=100_000)  # monotonic times of disk refusals
+        self._disk_lock = threading.Lock()
 
     def disk_is_low(self) -> bool:
         return self.spool.free_mb() < self.min_free_mb
 
-    def refuse_for_disk(self, incoming: Path | None, association_id: int | None, sop_instance_uid: str | None) -> IngestResult:
-        """A700 without keeping the payload: there is no room to keep it."""
+    def recent_disk_refusals(self, window_seconds: float = DISK_REFUSAL_WINDOW_SECONDS) -> int:
+        """How many instances were refused for disk space in the last ``window_seconds`` (for /healthz)."""
+        cutoff = time.monotonic() - window_seconds
+        with self._disk_lock:
+            while self._disk_refusals and self._disk_refusals[0] < cutoff:
+                self._disk_refusals.popleft()
+            return len(self._disk_refusals)
+
+    def refuse_for_disk(self, incoming: Path | None, association_id: int | None, sop_instance_uid: str | None,
+                        message: str | None = None) -> IngestResult:
+        """A700 without keeping the payload: there is no room to keep it. The partial file goes at once."""
         if incoming is not None:
             incoming.unlink(missing_ok=True)
-        message = f"free disk {self.spool.free_mb():.0f} MB is below the {self.min_free_mb:.0f} MB watermark"
-        self._record_refusal(association_id, sop_instance_uid, None, "disk-full", message, STATUS_OUT_OF_RESOURCES, None)
-        return IngestResult(STATUS_OUT_OF_RESOURCES, "refused", message, sop_instance_uid, reason_code="disk-full")
+        with self._disk_lock:
+            self._disk_refusals.append(time.monotonic())
+        if message is None:
+            message = f"free disk {self.spool.free_mb():.0f} MB is below the {self.min_free_mb:.0f} MB watermark"
+        try:
+            self._record_refusal(association_id, sop_instance_uid, None, R.DISK_FULL, message, R.STATUS_OUT_OF_RESOURCES, None)
+        except Exception as exc:  # the database may be on the same full disk: the A700 matters more than its row
+            LOG.error("could not record the disk refusal of %s: %s", R.printable(sop_instance_uid, 80), R.printable(exc, 300))
+        return IngestResult(R.STATUS_OUT_OF_RESOURCES, "refused", message, sop_instance_uid, reason_code=R.DISK_FULL)
+
+    def refuse(self, incoming: Path | None, code: str, message: str, association_id: int | None,
+               sop_uid: str | None, sop_class: str | None) -> IngestResult:
+        """Refuse an instance for a defect found before its data set was read (e.g. in the request)."""
+        if incoming is None:
+            status = R.status_for(code)
+            self._record_refusal(association_id, sop_uid, sop_class, code, message, status, None)
+            LOG.warning("refused %s with 0x%04X (%s): %s", R.printable(sop_uid or "instance", 100), status, code, R.printable(message))
+            return IngestResult(status, "refused", message, sop_uid, reason_code=code)
+        return self._quarantine(incoming, code, message, association_id, sop_uid, sop_class)
 
     def ingest(
         self,
@@ -89,16 +105,22 @@ class Ingestor:
         try:
             header = read_header(incoming)
             if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid.strip():
-                raise HeaderError("uid-mismatch", f"SOPInstanceUID in the data set differs from the request's {expected_sop_instance_uid}")
+                raise HeaderError(R.UID_MISMATCH, f"SOPInstanceUID in the data set differs from the request's {expected_sop_instance_uid}")
             if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid.strip():
-                raise HeaderError("uid-mismatch", f"SOPClassUID {header.sop_class_uid} differs from the request's {expected_sop_class_uid}")
+                raise HeaderError(R.UID_MISMATCH, f"SOPClassUID {header.sop_class_uid} differs from the request's {expected_sop_class_uid}")
         except HeaderError as exc:
             return self._quarantine(incoming, exc.code, str(exc), association_id, expected_sop_instance_uid, expected_sop_class_uid)
         self.spool.sync_file(incoming)
         digest = sha256_of_file(incoming)
         size = incoming.stat().st_size
         relative = self.spool.relative_path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-        return self._store(incoming, header, relative, digest, size, association_id)
+        try:
+            return self._store(incoming, header, relative, digest, size, association_id)
+        except DataError as exc:
+            # A value the database refuses is a defect of the data set that validation missed: permanent.
+            LOG.error("the database refused a value of %s: %s", header.sop_instance_uid, R.printable(exc.orig, 300))
+            return self._quarantine(incoming, R.INVALID_ATTRIBUTE, f"a value cannot be stored: {exc.orig}", association_id,
+                                    header.sop_instance_uid, header.sop_class_uid)
 
     def _store(self, incoming: Path, header: InstanceHeader, relative: Path, digest: str, size: int, association_id: int | None) -> IngestResult:
         # Core statements, not ORM objects: this runs once per instance on the acknowledgement path.
@@ -119,7 +141,7 @@ class Ingestor:
             self.spool.commit(incoming, relative)
             session.commit()
             LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case_id)
-            return IngestResult(STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id)
+            return IngestResult(R.STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id)
 
     def _insert_rows(self, session: Session, header: InstanceHeader, relative: Path, digest: str, size: int,
                      association_id: int | None) -> int | None:
@@ -146,7 +168,7 @@ class Ingestor:
         ).returning(Instance.id)).scalar_one()
         if header.referenced_sop_instance_uids:
             session.execute(insert(SegReference), [
-                {"seg_instance_id": instance_id, "referenced_sop_instance_uid": uid[:64]}
+                {"seg_instance_id": instance_id, "referenced_sop_instance_uid": uid}
                 for uid in sorted(header.referenced_sop_instance_uids)
             ])
         if case_id is not None:
@@ -165,42 +187,41 @@ class Ingestor:
             self._case_ids[series_uid] = case_id
         return case_id
 
-    def _resend(self, incoming: Path | None, header: InstanceHeader, stored_sha256: str, case_id: int | None, digest: str, association_id: int | None) -> IngestResult:
+    def _resend(self, incoming: Path, header: InstanceHeader, stored_sha256: str, case_id: int | None, digest: str, association_id: int | None) -> IngestResult:
         if stored_sha256 == digest:
-            if incoming is not None:
-                incoming.unlink(missing_ok=True)
+            incoming.unlink(missing_ok=True)
             LOG.info("identical re-send of %s: acknowledged, nothing new stored", header.sop_instance_uid)
-            return IngestResult(STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, case_id)
+            return IngestResult(R.STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, case_id)
         message = f"conflicting re-send of {header.sop_instance_uid}: content differs from the stored copy; first copy kept"
-        kept = None
-        if incoming is not None:
-            kept = self.spool.set_aside(incoming, kind="conflict", details={
-                "sop_instance_uid": header.sop_instance_uid, "reason": message,
-                "stored_sha256": stored_sha256, "new_sha256": digest,
-            })
-        self._record_refusal(association_id, header.sop_instance_uid, header.sop_class_uid, "conflict", message, STATUS_SUCCESS, kept)
+        kept = self.spool.set_aside(incoming, kind="conflict", details={
+            "sop_instance_uid": header.sop_instance_uid, "reason": message,
+            "stored_sha256": stored_sha256, "new_sha256": digest,
+        })
+        self._record_refusal(association_id, header.sop_instance_uid, header.sop_class_uid, R.CONFLICT, message, R.STATUS_SUCCESS, kept)
         LOG.warning(message)
         # The new copy is kept durably aside, so acknowledging it loses nothing.
-        return IngestResult(STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, case_id)
+        return IngestResult(R.STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, case_id)
 
     def _quarantine(self, incoming: Path, code: str, message: str, association_id: int | None, sop_uid: str | None, sop_class: str | None) -> IngestResult:
-        status = _STATUS_FOR_CODE.get(code, STATUS_CANNOT_UNDERSTAND)
+        status = R.status_for(code)
         kept = self.spool.set_aside(incoming, kind="quarantine", details={
-            "reason_code": code, "reason": message, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
-            "dimse_status": f"0x{status:04X}",
+            "reason_code": code, "reason": R.printable(message), "sop_instance_uid": sop_uid and R.printable(sop_uid, 200),
+            "sop_class_uid": sop_class and R.printable(sop_class, 200), "dimse_status": f"0x{status:04X}",
         })
         self._record_refusal(association_id, sop_uid, sop_class, code, message, status, kept)
-        LOG.warning("refused %s with 0x%04X (%s): %s", sop_uid or "instance", status, code, message)
+        LOG.warning("refused %s with 0x%04X (%s): %s", R.printable(sop_uid or "instance", 100), status, code, R.printable(message))
         return IngestResult(status, "refused", message, sop_uid, reason_code=code)
 
     def _record_refusal(self, association_id: int | None, sop_uid: str | None, sop_class: str | None, code: str, message: str, status: int, kept: Path | None) -> None:
         with self.session_factory() as session, session.begin():
             session.add(RefusedInstance(
                 association_id=association_id,
-                sop_instance_uid=(sop_uid or None) and sop_uid[:128],
-                sop_class_uid=(sop_class or None) and sop_class[:128],
-                reason_code=code,
-                reason=message[:2000],
+                # Values from the network, escaped: a NUL or an over-long UID must not make the
+                # refusal itself fail (PostgreSQL refuses NUL; SQLite would store it).
+                sop_instance_uid=R.printable(sop_uid, 128) if sop_uid else None,
+                sop_class_uid=R.printable(sop_class, 128) if sop_class else None,
+                reason_code=code[:32],
+                reason=R.printable(message, 2000),
                 dimse_status=status,
                 quarantine_path=os.fspath(kept) if kept else None,
             ))

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.config import AssemblySettings
 from qcgate.core.dicom import SEGMENTATION_STORAGE
+from qcgate.pipeline.notify import notify_job_pending
 from qcgate.store.models import Case, CaseState, Instance, Job, JobState, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.assembler")
@@ -67,6 +68,7 @@ def assemble_once(session_factory: sessionmaker[Session], settings: AssemblySett
                 case.reason = None
                 if session.scalar(select(Job.id).where(Job.case_id == case_id, Job.kind == "qc")) is None:
                     session.add(Job(case_id=case_id, kind="qc", state=JobState.PENDING.value))
+                    notify_job_pending(session)  # PostgreSQL: wakes listening dispatchers at commit
                 LOG.info("case %s ready: %d CT instances, %d SEG; job queued", case_id, n_ct, n_seg)
                 moved.append((case_id, case.state))
             elif case.last_instance_at <= _naive_or_aware(give_up_before, case.last_instance_at):

@@ -332,6 +332,9 @@ def _run(job_id: int, settings: Settings, session_factory: Any, data_dir: Path, 
     except JobFailure as exc:
         reason = str(exc)
         LOG.warning("job %s failed: %s", job_id, reason)
+    except MemoryError:  # past pipeline.job_memory_limit_mb (RLIMIT_AS, set by qcgate.pipeline.lifeline)
+        reason = f"exceeded the memory limit of {settings.pipeline.job_memory_limit_mb} MB"
+        LOG.warning("job %s failed: %s", job_id, reason)
     except Exception as exc:  # an unexpected error must not leave the job running forever
         reason = f"internal error: {type(exc).__name__}: {exc}"
         LOG.error("job %s failed: %s\n%s", job_id, reason, traceback.format_exc())

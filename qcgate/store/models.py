@@ -218,8 +218,11 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    worker: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))
-    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))  # the claim token: host:pid:random
+    worker_host: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))  # the host of the claiming dispatcher
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # re-queued by anyone after this
+    error: Mapped[str | None] = mapped_column(Text)  # pending: why earlier attempts ended; failed: the reason
     timings: Mapped[str | None] = mapped_column(Text)  # JSON {stage: seconds}
 
     case: Mapped[Case] = relationship(back_populates="jobs")
@@ -362,3 +365,75 @@ class Action(Base):
         Index("ix_actions_at", "at"),
         Index("ix_actions_user_at", "user", "at"),
     )
+
+
+# --- The web console's people: users, their API tokens and login sessions, and review decisions.
+
+
+class UserRole(str, enum.Enum):
+    """Viewers read; reviewers also decide reviews; admins also re-send deliveries and re-queue jobs."""
+
+    VIEWER = "viewer"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A person who signs in to the console or calls the API. The password is an argon2id hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """A bearer token for /api: only its SHA-256 is kept (the token is 32 random bytes, shown once)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_api_tokens_user", "user_id"),)
+
+
+class ConsoleSession(Base):
+    """A console login: the cookie carries a random id whose SHA-256 is kept here, with the CSRF token
+    that every POST of the session must send back."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_console_sessions_expires", "expires_at"), Index("ix_console_sessions_user", "user_id"))
+
+
+class ReviewDecision(Base):
+    """A person's decision on a case whose series verdict is ``review``: accept or reject, and why.
+    One per case; the machine's verdict (``cases.series_verdict``) is left as it was. Deleted with its
+    case by retention; the people's audit trail (the actions table) keeps the decision."""
+
+    __tablename__ = "review_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), unique=True)
+    decision: Mapped[str] = mapped_column(String(16))  # accept | reject
+    user_name: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    decided_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_review_decisions_decided_at", "decided_at"),)

@@ -51,6 +51,9 @@ class AuditFilters:
     model_version: str | None = None
     series_uid: str | None = None
     limit: int | None = None
+    # Paging (the web console): skip this many rows; newest cases first instead of oldest.
+    offset: int | None = None
+    newest_first: bool = False
 
 
 def _apply_verdict_and_time(query: Any, filters: "AuditFilters", verdict_column: Any, time_column: Any) -> Any:
@@ -138,9 +141,11 @@ def list_cases(session: Session, state: str | None = None, limit: int | None = N
         select(Case, Job, n_ct.label("n_ct"), n_seg.label("n_seg"))
         .outerjoin(Job, and_(Job.case_id == Case.id, Job.kind == "qc"))
         .where(*_case_conditions(filters))
-        .order_by(Case.id)
+        .order_by(Case.id.desc() if filters.newest_first else Case.id)
     )
     query = _apply_verdict_and_time(query, filters, Case.series_verdict, Case.created_at)
+    if filters.offset:
+        query = query.offset(filters.offset)
     found = session.execute(query).all()
     sources = _seg_sources(session, [case.id for case, *_ in found])
     rows = []

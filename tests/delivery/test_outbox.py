@@ -118,3 +118,32 @@ def test_a_transient_failure_older_than_the_dead_letter_age_dies(outbox_db: Outb
     finally:
         outbox.stop()
     assert all("dead_letter_after_hours" in r["last_error"] for r in outbox_db.deliveries())
+
+
+def test_a_destination_that_aborts_on_c_store_is_named_as_such(outbox_db: OutboxDb) -> None:
+    """Orthanc accepts the association of an AE it does not know, then aborts on the request: the
+    error must say so instead of "no C-STORE response" (a misleading timeout)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import build_context
+
+    from qcgate.config import Destination
+    from qcgate.delivery.outbox import send_dataset
+    from tests.delivery.conftest import SECONDARY_CAPTURE, free_port
+
+    def abort(event) -> int:  # type: ignore[no-untyped-def]
+        event.assoc.abort()
+        return 0x0000
+
+    port = free_port()
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = [build_context(SECONDARY_CAPTURE)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, abort)])
+    try:
+        add_outputs(outbox_db.session_factory, outbox_db.data_dir, f"PACS@127.0.0.1:{port}", 1)
+        import pydicom
+
+        path = next(outbox_db.data_dir.rglob("*.dcm"))
+        outcome = send_dataset(pydicom.dcmread(path), Destination.parse(f"PACS@127.0.0.1:{port}"), "QCGATE", 5)
+    finally:
+        server.shutdown()
+    assert outcome.outcome == "transient" and "aborted the association on C-STORE" in outcome.message

@@ -92,11 +92,11 @@ def test_a_uid_crafted_to_traverse_paths_stays_inside_the_spool(gate, tmp_path: 
     path = tmp_path / "evil.dcm"
     ds.save_as(path)
     status = send_raw_c_store(gate.port, dataset_bytes_without_meta(path), sop_instance="../../../evil")
-    assert status == 0x0000
-    ((spool_path,),) = gate.sql("SELECT spool_path FROM instances")
-    spool = (gate.data_dir / "spool").resolve()
-    assert (spool / spool_path).resolve().is_relative_to(spool)
-    assert ".." not in spool_path and not spool_path.startswith("/")
+    # Not a PS3.5 UID: refused for good (issue 15), and kept, like every refusal, inside the data dir.
+    assert status == 0xA900
+    assert gate.sql("SELECT count(*) FROM instances") == [(0,)]
+    ((code, kept),) = gate.sql("SELECT reason_code, quarantine_path FROM refused_instances")
+    assert code == "invalid-uid" and Path(kept).resolve().is_relative_to((gate.data_dir / "quarantine").resolve())
     assert not Path("/tmp/evil.dcm").exists()
     every_file = [p for p in gate.data_dir.rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to(gate.data_dir.resolve()) for p in every_file)

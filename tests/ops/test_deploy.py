@@ -118,23 +118,22 @@ def test_check_config_command_accepts_the_example() -> None:
 
 
 def test_orthanc_example_routes_to_the_gate_and_never_loops() -> None:
-    """The Orthanc example is consistent: the gate's modality entry, the Lua script's AE titles and
-    the loop guard (results from the gate are never forwarded back)."""
-    import json
-    import re
+    """The Orthanc example is consistent: the gate's modality entry and port, the script's settings
+    section, the loop guard (results from the gate's AE are never forwarded back), least privilege.
+    (tests/orthanc runs it against a real Orthanc.)"""
+    from tests.orthanc_support import DEPLOY_ORTHANC, load_orthanc_json
 
-    folder = REPO / "deploy" / "orthanc"
-    text = "\n".join(line for line in (folder / "orthanc.json").read_text().splitlines() if not line.strip().startswith("//"))
-    config = json.loads(text)
-    gate = config["DicomModalities"]["qcgate"]
-    lua = (folder / "route-to-qcgate.lua").read_text()
-    assert re.search(rf"GATE_AET = '{gate['AET']}'", lua) and "GATE_MODALITY = 'qcgate'" in lua
-    ai = config["DicomModalities"]["ai"]
-    assert f"AI_AET = '{ai['AET']}'" in lua
-    assert "if origin == GATE_AET then" in lua and "function OnStableSeries" in lua
-    assert config["DicomAlwaysAllowStore"] is False and gate["AllowStore"] is True
-    assert config["LuaScripts"] == ["/etc/orthanc/route-to-qcgate.lua"]
-    assert gate["Port"] == Settings().node.port
+    config = load_orthanc_json(DEPLOY_ORTHANC / "orthanc.json")
+    routing = config["QcgateRouting"]
+    gate = config["DicomModalities"][routing["GateModality"]]
+    lua = (DEPLOY_ORTHANC / "route-to-qcgate.lua").read_text()
+    assert gate["AET"] == Settings().node.ae_title and gate["Port"] == Settings().node.port
+    assert "local GATE_AET = ModalityAet(GATE_MODALITY)" in lua and "if origin == GATE_AET then" in lua
+    assert "function OnStableSeries" in lua and "function OnJobFailure" in lua
+    assert config["DicomAlwaysAllowStore"] is False and config["DicomCheckModalityHost"] is True
+    for name, modality in config["DicomModalities"].items():
+        assert modality["AllowFind"] is False and modality["AllowMove"] is False and modality["AllowGet"] is False, name
+    assert config["LuaScripts"] == ["/etc/qcgate-orthanc/route-to-qcgate.lua"]
 
 
 @pytest.mark.slow
