@@ -155,7 +155,11 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(default=60.0, gt=0, description="a running job whose lease is this old is re-queued by any dispatcher")
     heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a dispatcher renews the leases of its running jobs")
     job_memory_limit_mb: int = Field(default=4096, ge=0, description="address-space limit of each worker process (RLIMIT_AS); 0: none")
-    margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin; default the model's validation MAE")
+    margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin with a reference reader's SEG; default tau's validation MAE")
+    max_missed_bad: float = Field(default=0.10, gt=0, lt=1, description="decision band target: the largest share of "
+                                  "bad AI slices accepted (class-conditional split-conformal on q - tau)")
+    max_rejected_good: float = Field(default=0.10, gt=0, lt=1, description="decision band target: the largest share "
+                                     "of good AI slices rejected")
     series_policy: str = Field(default="strict", description="strict | fraction")
     reject_fraction: float = Field(default=0.25, gt=0, le=1, description="for series_policy = fraction")
     lesion_segment_labels: list[str] = Field(default_factory=lambda: ["lesion"])

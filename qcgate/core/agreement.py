@@ -119,3 +119,32 @@ def ensemble_agreement(member_masks: Sequence[np.ndarray], consensus: np.ndarray
     """q_agreement = (1/M) Σ_m DSC(B_m, C): mean Dice of each member's binary mask B_m (p_m ≥ 0.5)
     against the consensus C (mean probability ≥ 0.5), on one slice. DSC of two empty masks is 1."""
     return float(np.mean([dice(mask, consensus) for mask in member_masks]))
+
+
+def soft_self_dice(probability: np.ndarray, threshold: float = 0.5) -> float | None:
+    """Expected Dice of a probability map P against its own binarisation B = [P ≥ ½]:
+
+        q_soft = 2 Σ_i p_i · [p_i ≥ ½] / (Σ_i p_i + Σ_i [p_i ≥ ½]).
+
+    If each pixel's true label were Bernoulli(p_i) independently, 2 Σ p·B / (Σ p + Σ B) is the ratio
+    of the expected overlap to the expected size, a first-order estimate of E[DSC(B, truth)]; it is 1
+    for a binary map and falls as probability mass lies outside B or B holds pixels with p near ½.
+    Returns None when B is empty (no segmentation to judge). Calibrate p first
+    (``qcgate.predictors.quality``): the estimate is only as good as the probabilities.
+    """
+    p = np.clip(np.asarray(probability, dtype=np.float64), 0.0, 1.0)
+    binary = p >= threshold
+    n_binary = int(binary.sum())
+    if n_binary == 0:
+        return None
+    return float(2.0 * p[binary].sum() / (p.sum() + n_binary))
+
+
+def dice_against_experts(mask: np.ndarray, experts: Sequence[np.ndarray]) -> float | None:
+    """The AI's quality on a slice: D_AI = (1/|K|) Σ_{k in K} DSC(A, M_k), the mean Dice of the AI
+    mask A against each expert mask M_k, K = the experts for which A or M_k is non-empty (the
+    agreement conventions above). None when A and every M_k are empty, or no expert is given.
+    The gate's truth: the AI is *acceptable* on the slice iff D_AI ≥ the experts' DSC Lesion there."""
+    ai = _as_bool(mask)
+    scores = [s for expert in experts if (s := _informative_dice(ai, _as_bool(expert))) is not None]
+    return float(np.mean(scores)) if scores else None

@@ -24,7 +24,6 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qcgate.config import PipelineSettings, Settings
-from qcgate.core.agreement import dice, ensemble_agreement
 from qcgate.core.layout import DataLayout
 from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, load_ct_series, load_seg_member
@@ -105,23 +104,21 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
     use_uncertainty = uncertainty is not None and model.has_uncertainty_variant
-    if references:
-        q_source = "reference"
-        notes.append("q is the Dice of the AI segmentation against the reference reader's SEG")
-    elif len(ensemble) >= 2:
-        q_source = "ensemble-agreement"
-    else:
-        q_source = "none"
-        notes.append("one member and no reference: q is unknown, every slice goes to review with its threshold")
+    if len(ensemble) < 2 and not references:
+        notes.append("one member: q from the model's q estimator (no ensemble agreement)")
     lesion_slices = [int(k) for k in np.flatnonzero(consensus.reshape(consensus.shape[0], -1).any(axis=1))]
     timer.lap("ensemble")
 
     inputs = []
+    lung_found = False
     for k in lesion_slices:
         image = ct.hu[k].astype(np.float32)
         lung = lung_mask_from_hu(image)
         if not lung.any():
-            notes.append(f"slice {k}: no lung found; the imaging group falls back")
+            notes.append(f"slice {k}: no lung found; the imaging group falls back to its defaults (healthy-lung "
+                         "descriptors undefined)")
+        else:
+            lung_found = True
         inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
                                  uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
                                  pixel_spacing=ct.pixel_spacing, lung_mask=lung))
@@ -129,35 +126,46 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     assessments = model.assess(inputs, use_uncertainty=use_uncertainty, top=5) if inputs else []
     timer.lap("thresholds")
 
-    # The margin defaults to the validation MAE of the sub-model that actually answered.
-    margin = settings.margin if settings.margin is not None else float(model.validation_mae_for(use_uncertainty))
+    # q on tau's scale from the model's q estimator (or a reference reader), with its band.
+    from qcgate.pipeline.quality_gate import domain_problems, slice_quality, synthetic_warning
+
+    taus = [float(np.clip(a.tau, 0.0, 1.0)) for a in assessments]
+    quality = slice_quality(model, ensemble, references, mean, lesion_slices, ct, taus, settings,
+                            float(model.validation_mae_for(use_uncertainty)))
+    notes.extend(quality.notes)
+    reasons = [n for n in quality.notes if "review" in n]
+    domain = domain_problems(ct, model, lung_found) if lesion_slices else []
+    if domain:
+        reasons.extend(f"out of the model's domain: {p}" for p in domain)
+        notes.extend(f"out of the model's domain: {p}; every slice goes to review" for p in domain)
+    warning = synthetic_warning(model)
+    if warning:
+        notes.insert(0, warning)
     pixel_area = ct.pixel_spacing[0] * ct.pixel_spacing[1]
     slices: list[SliceResult] = []
     for position, k in enumerate(lesion_slices):
-        if q_source == "reference":
-            q: float | None = dice(consensus[k], references[0].probability[k] >= 0.5)
-        elif q_source == "ensemble-agreement":
-            q = ensemble_agreement([m.probability[k] >= 0.5 for m in ensemble], consensus[k])
-        else:
-            q = None
-        tau = float(np.clip(assessments[position].tau, 0.0, 1.0))
+        q = quality.q[position]
+        tau = taus[position]
         metrics = None
         if uncertainty is not None:
             metrics = {name.removeprefix("uncertainty."): float(value)
                        for name, value in uncertainty_metrics(uncertainty[k].astype(np.float32), consensus[k]).items()}
+        verdict = Verdict.REVIEW if domain else slice_verdict(tau, q, quality.margin_accept, quality.margin_reject)
         slices.append(SliceResult(
-            source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q, margin=margin,
-            verdict=slice_verdict(tau, q, margin), lesion_area_mm2=float(consensus[k].sum() * pixel_area),
+            source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q,
+            margin=quality.margin_accept, verdict=verdict, lesion_area_mm2=float(consensus[k].sum() * pixel_area),
             uncertainty=metrics, key_features=assessments[position].key_features,
             uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
+            margin_reject=quality.margin_reject, reason="; ".join(reasons),
         ))
     verdict, policy = series_verdict([s.verdict for s in slices], settings)
     timer.lap("verdicts")
     return CaseResult(
         ct_datasets=ct.datasets, slices=slices, series_verdict=verdict, series_policy=policy,
-        model_name=str(model.name), model_version=str(model.version), q_source=q_source,
+        model_name=str(model.name), model_version=str(model.version), q_source=quality.q_source,
         n_members=len(ensemble), uses_uncertainty=use_uncertainty, notes=notes,
-        segmentation_datasets=[m.dataset for m in members],
+        segmentation_datasets=[m.dataset for m in members], q_validation_mae=quality.q_validation_mae,
+        verdict_rule=quality.rule, synthetic_model=bool(getattr(model, "synthetic", False)), reasons=reasons,
     )
 
 
@@ -237,7 +245,7 @@ def _record_success(session: Session, job: Job, case: Case, result: CaseResult, 
     for item in result.slices:
         session.add(SliceResultRecord(
             case_id=case.id, job_id=job.id, sop_instance_uid=str(item.source_image.SOPInstanceUID),
-            slice_index=item.slice_index, tau=item.tau, q=item.q, margin=item.margin, verdict=item.verdict.value,
+            slice_index=item.slice_index, tau=item.tau, q=item.q, margin=_finite(item.margin), verdict=item.verdict.value,
             lesion_area_mm2=item.lesion_area_mm2,
             um_mean=(item.uncertainty or {}).get("um_mean"), um_p90=(item.uncertainty or {}).get("um_p90"),
             key_features=json.dumps(item.key_features) if item.key_features else None,
@@ -251,13 +259,26 @@ def _record_success(session: Session, job: Job, case: Case, result: CaseResult, 
     case.series_verdict = result.series_verdict.value
     case.model_name, case.model_version = result.model_name, result.model_version
     case.q_source, case.n_members, case.uses_uncertainty = result.q_source, result.n_members, result.uses_uncertainty
-    case.notes = "; ".join(result.notes) or None
+    audit = list(result.notes)
+    if result.verdict_rule:
+        audit.append(f"verdict rule: {result.verdict_rule}")
+    if result.synthetic_model and not any("SYNTHETIC" in n for n in audit):
+        audit.insert(0, f"SYNTHETIC model {result.model_name} {result.model_version}")
+    case.notes = "; ".join(audit) or None
     case.processed_at = utcnow()
     case.reason = None
     job.state = JobState.DONE.value
     job.finished_at = utcnow()
     job.error = None
     job.timings = json.dumps(timer.seconds)
+
+
+def _finite(value: float | None) -> float:
+    """The audit row's margin column is a number: an impossible accept (infinite margin) is stored as 1.0
+    (q >= tau + 1 cannot happen for tau > 0); the rule in words is in the case notes."""
+    if value is None or not np.isfinite(value):
+        return 1.0
+    return float(value)
 
 
 def _owns(job: Job | None, token: str | None) -> bool:

@@ -11,6 +11,8 @@ models/NAME/
   position_map.json        the positional-orthodoxy lesion frequency map of the training data
   MODEL_CARD.md            intended use, training data, metrics, limits
   table3.csv               the cross-validated figures of the training cohort
+  quality.json             q estimators, temperature and decision bands (qcgate train-gate; optional:
+                           older models have none and the gate gives review with that reason)
 ```
 
 Loading verifies every listed file's sha256, that every file a component needs is listed, and that
@@ -182,8 +184,17 @@ def load_model_directory(directory: Path):
             position_map = PositionFrequencyMap.from_json(path.read_text())
         except (ValueError, KeyError) as exc:
             raise InputError(f"{path}: not a position frequency map ({exc})") from exc
+    q_estimators = None
+    if manifest.get("quality"):
+        from qcgate.predictors.quality import QualityEstimators
+
+        try:
+            quality_file = listed(str(manifest["quality"]["file"]))
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{manifest_path}: malformed quality entry ({exc})") from exc
+        q_estimators = QualityEstimators.from_json(quality_file.read_text(), source=str(quality_file))
     try:
-        return ThresholdModel(
+        model = ThresholdModel(
             name=name, version=str(manifest["version"]), kind=str(manifest["kind"]),
             validation_mae=float(manifest["validation_mae"]),
             validation_mae_without_uncertainty=float(manifest.get("validation_mae_without_uncertainty",
@@ -195,3 +206,7 @@ def load_model_directory(directory: Path):
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{manifest_path}: missing or malformed key ({exc})") from exc
+    # q estimators + decision band (quality.json); None for a model trained before they existed: the
+    # gate then gives review with that reason.
+    model.q_estimators = q_estimators  # type: ignore[attr-defined]
+    return model

@@ -1,6 +1,8 @@
 """The paper's Table 3 under patient-grouped cross-validation, and its simulated clinical setting.
 
-Methods (rows): "Global thresholding" (tau = the training folds' mean DSC Lesion), "Ridge w/o UM",
+Methods (rows): "Global thresholding" (tau = the training folds' mean DSC Lesion), "Global
+thresholding (median)" (their median: the constant that minimises the MAE, the fair baseline for the
+median-calibrated Ridge; model cards report the ratio against the better of the two), "Ridge w/o UM",
 "Ridge w. UM", "ResNet w/o UM", "ResNet w. UM", "Ensemble w. UM" = (Ridge w. UM + ResNet w. UM) / 2,
 and "Ensemble w/o UM" = (Ridge w/o UM + ResNet w/o UM) / 2 (what a model answers without a UM). Rows the cohort cannot support
 (no CT: no image ResNet; no AI ensemble: no UM) are left out. Every model is fitted on the training
@@ -40,10 +42,12 @@ from pathlib import Path
 import numpy as np
 
 GLOBAL = "Global thresholding"
+GLOBAL_MEDIAN = "Global thresholding (median)"
 RIDGE, RIDGE_UM = "Ridge w/o UM", "Ridge w. UM"
 RESNET, RESNET_UM = "ResNet w/o UM", "ResNet w. UM"
 ENSEMBLE, ENSEMBLE_UM = "Ensemble w/o UM", "Ensemble w. UM"
-METHOD_ORDER = (GLOBAL, RIDGE, RIDGE_UM, RESNET, RESNET_UM, ENSEMBLE, ENSEMBLE_UM)
+CONSTANTS = (GLOBAL, GLOBAL_MEDIAN)
+METHOD_ORDER = (GLOBAL, GLOBAL_MEDIAN, RIDGE, RIDGE_UM, RESNET, RESNET_UM, ENSEMBLE, ENSEMBLE_UM)
 
 
 @dataclass
@@ -188,7 +192,7 @@ class EvaluationProgress:
 
 def available_methods(rows, kind: str = "ensemble") -> list[str]:
     """Table 3 rows that the cohort (image, UM) and the model kind support."""
-    methods = [GLOBAL, RIDGE]
+    methods = [GLOBAL, GLOBAL_MEDIAN, RIDGE]
     if rows.has_uncertainty:
         methods.append(RIDGE_UM)
     if kind in ("resnet", "ensemble") and rows.crops is not None:
@@ -225,6 +229,7 @@ def cross_validate(rows, *, kind: str = "ensemble", n_folds: int | None = 5, res
     for number, (train, test) in enumerate(folds, start=1):
         say(f"fold {number}/{len(folds)}: {len(train)} training, {len(test)} test slices")
         predictions[GLOBAL][test] = y[train].mean()
+        predictions[GLOBAL_MEDIAN][test] = np.median(y[train])
         if RIDGE in methods:
             predictions[RIDGE][test] = fit_ridge(x_plain[train], y[train], patients[train], names_plain,
                                                  calibrate=calibrate).predict(x_plain[test])
@@ -310,7 +315,9 @@ def trained_model_table3(model, cohort, *, repeats: int = 20, seed: int = 0, sim
         from qcgate.errors import InputError
 
         raise InputError(f"{cohort.source or cohort.name}: no lesion slice with a defined DSC Lesion to score")
-    predictions = {GLOBAL: np.full(len(truth), model.training_mean_dsc), labels[0]: np.concatenate(plain)}
+    median = float(model.manifest.get("training", {}).get("median_dsc", model.training_mean_dsc))
+    predictions = {GLOBAL: np.full(len(truth), model.training_mean_dsc), GLOBAL_MEDIAN: np.full(len(truth), median),
+                   labels[0]: np.concatenate(plain)}
     has_um = all_have_um and bool(with_um)
     if has_um:
         predictions[labels[1]] = np.concatenate(with_um)
@@ -361,7 +368,8 @@ def write_evaluation_outputs(result: Table3, out: Path, *, command: str = "") ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("table3.csv", "table3.md", "table3.html", "table3.json",
-                                           "predictions.csv", "predicted_vs_true.png", "error_distributions.png")}
+                                           "predictions.csv", "predicted_vs_true.png", "error_distributions.png",
+                                           "tradeoff.png")}
     with open(paths["table3.csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "mae", "sd_abs_error", "mae_patient", "good_included_pct", "good_included_sd",
@@ -393,7 +401,46 @@ def write_evaluation_outputs(result: Table3, out: Path, *, command: str = "") ->
     paths["table3.html"].write_text(_html(result, title))
     paths["table3.json"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     _plots(result, paths["predicted_vs_true.png"], paths["error_distributions.png"])
+    _tradeoff(result, paths["tradeoff.png"])
     return paths
+
+
+def better_constant(result: Table3) -> str:
+    """The constant row (training mean or median) with the lower MAE."""
+    present = [m for m in CONSTANTS if m in result.errors]
+    return min(present, key=lambda m: result.errors[m].mae)
+
+
+def tradeoff_points(result: Table3, method: str, offsets: np.ndarray) -> list[tuple[float, float]]:
+    """(bad rejected %, good included %) of the simulation's repeat 0 as τ is offset by each value."""
+    synthetic = draw_synthetic_dsc(len(result.truth), result.simulation_mean, result.simulation_sd, result.seed, 0)
+    points = []
+    for offset in offsets:
+        gi, g, br, b = inclusion_counts(synthetic, result.truth, result.predictions[method] + offset)
+        points.append((100.0 * br / b if b else math.nan, 100.0 * gi / g if g else math.nan))
+    return points
+
+
+def _tradeoff(result: Table3, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offsets = np.linspace(-0.4, 0.4, 33)
+    fig, ax = plt.subplots(figsize=(5.2, 4.2), dpi=110)
+    for method in result.methods():
+        points = np.asarray(tradeoff_points(result, method, offsets))
+        ax.plot(points[:, 0], points[:, 1], label=method, linewidth=1, linestyle="--" if method in CONSTANTS else "-")
+    ax.set_xlabel("bad slices rejected (%)")
+    ax.set_ylabel("good slices included (%)")
+    ax.set_title(f"Trade-off as τ is offset by −0.4…+0.4, {result.cohort_name}"
+                 f"{' — SYNTHETIC' if result.synthetic else ''}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _html(result: Table3, title: str) -> str:
@@ -420,7 +467,7 @@ def _plots(result: Table3, scatter_path: Path, errors_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in result.methods() if m != GLOBAL] or result.methods()
+    methods = [m for m in result.methods() if m not in CONSTANTS] or result.methods()
     tag = " — SYNTHETIC data" if result.synthetic else ""
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4), dpi=110, squeeze=False)
     for ax, method in zip(axes[0], methods):

@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 import qcgate
 from qcgate.cohort.model import Cohort
 from qcgate.errors import InputError
@@ -93,7 +95,7 @@ def train_model(cohort: Cohort, kind: str, out: Path, *, name: str | None = None
         "training": {
             "cohort": cohort.name, "description": description, "synthetic": bool(cohort.synthetic),
             "n_slices": int(len(y)), "n_patients": int(len(set(patients))), "mean_dsc": float(y.mean()),
-            "sd_dsc": float(y.std()), "command": command, "seed": seed, "calibrate": calibrate,
+            "median_dsc": float(np.median(y)), "sd_dsc": float(y.std()), "command": command, "seed": seed, "calibrate": calibrate,
         },
         "metrics": table3.to_dict(),
     }
@@ -141,10 +143,15 @@ def model_card(manifest: dict, table3: Table3, *, intended_use: str, limits: str
               f"Simulated clinical setting: synthetic DSC ~ N({table3.simulation_mean:.3f}, {table3.simulation_sd:.3f}), "
               f"{next(iter(table3.simulation.values())).repeats} repeats, seed {table3.seed}; percentages are mean ± SD "
               "over repeats, counts from repeat 0.", "", markdown_table(table3), ""]
-    glob = table3.errors.get("Global thresholding")
-    if glob is not None:
-        best = min((m for m in table3.errors if m != "Global thresholding"), key=lambda m: table3.errors[m].mae)
-        lines += [f"MAE ratio model/global ({best}): {table3.errors[best].mae / glob.mae:.3f}.", ""]
+    from qcgate.predictors.evaluation import CONSTANTS, better_constant
+
+    if any(m in table3.errors for m in CONSTANTS):
+        constant = better_constant(table3)
+        best = min((m for m in table3.errors if m not in CONSTANTS), key=lambda m: table3.errors[m].mae)
+        ratios = ", ".join(f"{table3.errors[best].mae / table3.errors[c].mae:.3f} against the training "
+                           f"{'mean' if c == CONSTANTS[0] else 'median'}" for c in CONSTANTS if c in table3.errors)
+        lines += [f"MAE ratio model/better constant ({best} / {constant}): "
+                  f"{table3.errors[best].mae / table3.errors[constant].mae:.3f} ({ratios}).", ""]
     lines += ["## Limits", "", limits or "Validated only by cross-validation on its training cohort.", "",
               "## Files", "", "Every file's sha256 is in `manifest.json`; loading refuses a changed file. "
               "Ridge as JSON, ResNet weights as safetensors; nothing is pickled.", ""]

@@ -23,18 +23,19 @@ MAX_THUMBNAILS = 120
 EXPLANATION = (
     "τ (tau) is the Dice score two expert readers would be predicted to agree on for this lesion slice "
     "(image-specific: harder images get a lower bar), and q is the estimated Dice of the AI segmentation "
-    "on it (from the agreement of the ensemble members, or a reference reader). "
-    "The band is τ ± m, m the verdict margin: q above the band accepts the slice, q below it rejects it, "
-    "and q inside the band, or unknown, sends it to a person for review."
+    "against expert readers on it (from the model's validated q estimator, or a reference reader's SEG). "
+    "The band runs from τ − m_reject to τ + m_accept, both margins fitted on validation data for a stated "
+    "rate of missed bad slices: q above the band accepts the slice, q below it rejects it, and q inside "
+    "the band, or unknown, sends it to a person for review."
 )
 
 LEGEND = [
     ("τ", "image-specific threshold: predicted agreement of expert readers (Dice)"),
-    ("q", "estimated quality (Dice) of the AI segmentation; \"unknown\" with one model and no reference"),
-    ("band", "τ − m … τ + m, m the margin; the verdict compares q with it"),
-    ("accept", "q ≥ τ + m: green, solid outline"),
-    ("review", "τ − m ≤ q < τ + m, or q unknown: amber, dashed outline (needs review, not a failure)"),
-    ("reject", "q < τ − m: red, dotted outline"),
+    ("q", "estimated Dice of the AI segmentation against expert readers; \"unknown\" when no estimator applies"),
+    ("band", "τ − m_reject … τ + m_accept; the verdict compares q with it"),
+    ("accept", "q ≥ τ + m_accept: green, solid outline"),
+    ("review", "inside the band, or q unknown: amber, dashed outline (needs review, not a failure)"),
+    ("reject", "q < τ − m_reject: red, dotted outline"),
     ("thumbnail, left", "the CT in a lung window (W 1500 / L −600) with the AI outline in the verdict's colour"),
     ("thumbnail, right", f"the ensemble uncertainty map (members' pixel-wise SD), one scale 0 – {UM_SCALE_MAX} for all slices"),
     ("image N (z Z mm)", "the CT image's InstanceNumber and its z position: the slice numbering of every qcgate output"),
@@ -192,13 +193,15 @@ def tau_q_plot_png(result: CaseResult, dpi: int = 100) -> bytes | None:
     numbered = all(label.instance_number is not None for label in labels)
     x = np.array([label.instance_number if numbered else s.slice_index for label, s in zip(labels, ordered)], float)
     tau = np.array([s.tau for s in ordered])
-    margin = np.array([s.margin for s in ordered])
+    low = np.array([np.nan if s.reject_below is None else s.reject_below for s in ordered], float)
+    high = np.array([np.nan if s.accept_at is None else s.accept_at for s in ordered], float)
     figure = Figure(figsize=(6.4, 2.6))
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     figure.subplots_adjust(left=0.09, right=0.98, bottom=0.18, top=0.96)  # fixed: tight_layout costs 0.1 s
     axis.plot(x, tau, "-", color="#1565c0", label="τ (image-specific threshold)")
-    axis.fill_between(x, tau - margin, tau + margin, color="#1565c0", alpha=0.15, label="band τ ± m")
+    axis.fill_between(x, np.clip(low, -0.02, 1.02), np.clip(high, -0.02, 1.02), color="#1565c0", alpha=0.15,
+                      label="band (review)")
     for verdict, marker in ((Verdict.ACCEPT, "o"), (Verdict.REVIEW, "s"), (Verdict.REJECT, "v")):
         points = [(xi, s.q) for xi, s in zip(x, ordered) if s.verdict is verdict and s.q is not None and s.q == s.q]
         if points:
@@ -217,3 +220,11 @@ def tau_q_plot_png(result: CaseResult, dpi: int = 100) -> bytes | None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def band_text(item: SliceResult) -> str:
+    """The slice's band as "low – high" (reject below low, accept at or above high); "—" without one."""
+    if item.accept_at is None or item.reject_below is None:
+        return "—"
+    high = "never" if item.accept_at > 1 else f"{item.accept_at:.3f}"
+    return f"{item.reject_below:.3f} – {high}"

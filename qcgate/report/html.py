@@ -69,6 +69,15 @@ def render_case_report(result: CaseResult, image_hu: np.ndarray | None = None, *
         "<table class='ctx'>" + "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in content.study_context(result)) + "</table>",
         f"<p class='explain'>{esc(content.EXPLANATION)}</p>",
     ]
+    if result.synthetic_model:
+        parts.insert(3, f"<p style='color:#b71c1c;font-weight:bold'>SYNTHETIC threshold model "
+                        f"{html.escape(result.model_name)} {html.escape(result.model_version)}: trained on generated "
+                        "data, for demos and tests only; these verdicts are not for clinical decisions.</p>")
+    if result.verdict_rule:
+        mae = "" if result.q_validation_mae is None else f" (q validation MAE {result.q_validation_mae:.3f})"
+        parts.append(f"<p>Verdict rule{mae}: {html.escape(result.verdict_rule)}.</p>")
+    if result.reasons:
+        parts.append("<p>Forced to review: " + "; ".join(html.escape(r) for r in result.reasons) + "</p>")
     if result.notes:
         parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
     if ordered:
@@ -83,7 +92,7 @@ def render_case_report(result: CaseResult, image_hu: np.ndarray | None = None, *
             number = "?" if label.instance_number is None else str(label.instance_number)
             z = "—" if label.z_mm is None else f"{label.z_mm:.1f}"
             parts.append(f"<tr><td>{number}</td><td>{z}</td><td>{item.tau:.3f}</td><td>{q}</td>"
-                         f"<td>{item.tau - item.margin:.3f} – {item.tau + item.margin:.3f}</td>"
+                         f"<td>{content.band_text(item)}</td>"
                          f"<td>{item.lesion_area_mm2:.1f}</td><td class='v' style='color:{_COLOURS[item.verdict]}'>"
                          f"{content.VERDICT_WORDS[item.verdict]}</td><td class='kf'>{esc(content.key_feature_text(item))}</td></tr>")
         parts.append("</table><h2>Lesion slices</h2>")

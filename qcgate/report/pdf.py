@@ -126,7 +126,7 @@ def _slice_table(pdf, ordered) -> None:  # type: ignore[no-untyped-def]
         q = "unknown" if item.q is None or item.q != item.q else f"{item.q:.3f}"
         cells = ("?" if label.instance_number is None else str(label.instance_number),
                  "—" if label.z_mm is None else f"{label.z_mm:.1f}", f"{item.tau:.3f}", q,
-                 f"{item.tau - item.margin:.3f} – {item.tau + item.margin:.3f}", f"{item.lesion_area_mm2:.1f}")
+                 content.band_text(item), f"{item.lesion_area_mm2:.1f}")
         for width, text in zip(widths, cells):
             pdf.cell(width, 4.5, text, border=1, align="R")
         pdf.set_text_color(*_rgb(content.COLOURS[item.verdict]))

@@ -208,7 +208,23 @@ def extract_feature_table(
             for task, rows in zip(tasks, pool.map(extract_case, tasks, chunksize=max(1, len(tasks) // (workers * 16)))):
                 results.append((task, rows))
                 meter.advance(len(task.slices))
-    return _assemble(results)
+    table = _assemble(results)
+    warn_imaging_fallback(table)
+    return table
+
+
+def warn_imaging_fallback(table: FeatureTable) -> int:
+    """A warning when the imaging group fell back to its defaults (no healthy lung found near the
+    lesion) on some slices; returns how many. The values are finite fallbacks, flagged, not lung."""
+    columns = table.groups.get("imaging")
+    if not columns or table.flagged is None or not len(table.dsc_lesion):
+        return 0
+    fell_back = int(table.flagged[:, columns].any(axis=1).sum())
+    if fell_back:
+        log.warning("imaging group: %d of %d slices fell back to documented defaults (no healthy lung found around "
+                    "the lesion); their imaging descriptors are fallbacks, not measurements", fell_back,
+                    len(table.dsc_lesion))
+    return fell_back
 
 
 def _assemble(results: list[tuple[CaseTask, list[SliceFeatures]]]) -> FeatureTable:

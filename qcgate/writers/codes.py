@@ -90,7 +90,11 @@ def verdict_from_code(value: str, scheme_designator: str | None = None) -> Verdi
 # --- private concepts ------------------------------------------------------------------------------
 TAU = _private("TAU", "Image-specific threshold (predicted DSC Lesion)")
 Q_ESTIMATE = _private("QEST", "Estimated segmentation quality (Dice)")
-MARGIN = _private("MARGIN", "Verdict margin")
+MARGIN = _private("MARGIN", "Verdict margin")  # the accept margin: accept if q >= tau + MARGIN
+MARGIN_REJECT = _private("MARGINREJ", "Verdict reject margin")  # reject if q < tau - MARGINREJ
+Q_VALIDATION_MAE = _private("QMAE", "Validation mean absolute error of the quality estimate")
+VERDICT_RULE = _private("RULE", "Verdict rule")
+SYNTHETIC_MODEL = _private("SYNTHMODEL", "Threshold model trained on synthetic data")
 SERIES_QC_FINDING = _private("SERIESQC", "Series segmentation quality control summary")
 SERIES_POLICY = _private("POLICY", "Series verdict policy")
 QC_METHOD = _private("QCGATE", "qcgate image-specific threshold quality gate")
@@ -111,6 +115,10 @@ Q_SOURCE_CODES: dict[str, Code] = {
     "ensemble-agreement": _private("QSRC-ENSEMBLE", "Ensemble agreement"),
     "reference": _private("QSRC-REFERENCE", "Reference reader segmentation"),
     "regressor": _private("QSRC-REGRESSOR", "Site-trained quality regressor"),
+    "probability": _private("QSRC-PROBABILITY", "Soft Dice of the calibrated probability map"),
+    "learned": _private("QSRC-LEARNED", "Learned quality regressor (mask and probability)"),
+    "learned-um": _private("QSRC-LEARNED-UM", "Learned quality regressor (mask, probability, uncertainty)"),
+    "learned-mask": _private("QSRC-LEARN-MASK", "Learned quality regressor (mask only)"),
     "none": _private("QSRC-NONE", "No quality estimate available"),
 }
 #: A q source this version does not know (its name then goes into a Comment of the summary).

@@ -132,10 +132,13 @@ def render_slice_image(item: SliceResult, image_hu: np.ndarray | None, *, synthe
 
     colour = VERDICT_RGB[item.verdict]
     location = slice_location(item.source_image)
-    low, high = item.tau - item.margin, item.tau + item.margin
+    if item.accept_at is None or item.reject_below is None:
+        band = "no band (q unknown)"
+    else:
+        band = f"band {item.reject_below:.3f} – {'never' if item.accept_at > 1 else f'{item.accept_at:.3f}'}"
     small, big = _font(13), _font(16, bold=True)
     draw.text((8, 6), f"QC  CT {location.label}", font=big, fill=(255, 255, 255))
-    draw.text((8, 30), f"τ {item.tau:.3f}   q {_fmt(item.q)}   band {low:.3f} – {high:.3f} (τ ± {item.margin:.3f})",
+    draw.text((8, 30), f"τ {item.tau:.3f}   q {_fmt(item.q)}   {band}",
               font=small, fill=(255, 255, 255))
     draw.text((8, 50), "verdict:", font=small, fill=(255, 255, 255))
     draw.text((70, 48), item.verdict.value.upper(), font=big, fill=colour)

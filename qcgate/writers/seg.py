@@ -141,7 +141,7 @@ def build_qc_seg(
         layers.append(volumes[verdict])
     pixel_array = np.stack(layers, axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
 
-    synthetic = is_synthetic_source(sorted_sources)
+    synthetic = is_synthetic_source(sorted_sources) or result.synthetic_model
     description = ("SYNTHETIC " if synthetic else "") + QC_SEG_SERIES_DESCRIPTION
     seg = hd.seg.Segmentation(
         source_images=sorted_sources,
@@ -156,13 +156,17 @@ def build_qc_seg(
         manufacturer_model_name="qcgate",
         software_versions=__version__,
         device_serial_number="0",
-        content_description=f"QC verdicts, threshold model {result.model_name} {result.model_version}"[:64],
+        content_description=(f"QC verdicts, {'SYNTHETIC ' if result.synthetic_model else ''}threshold model "
+                             f"{result.model_name} {result.model_version}")[:64],
         content_label="QC_VERDICT",
         content_creator_name=None,
         omit_empty_frames=True,
     )
     seg.SeriesDescription = description[:64]
-    if synthetic:
+    if result.synthetic_model:
+        seg.ImageComments = (f"SYNTHETIC threshold model {result.model_name} {result.model_version}: trained on "
+                             "generated data; these verdicts are not for clinical decisions")
+    elif synthetic:
         seg.ImageComments = "SYNTHETIC source data: QC result for a qcgate phantom, not a patient"
     return seg
 

@@ -7,7 +7,9 @@ Content tree
 * One TID 1501 measurement group per lesion slice, finding type SCT "Lesion", referencing its source
   CT image (``source_images``; ``ReferencedSegmentationFrame.from_segmentation`` is avoided, see
   DESIGN §3), with:
-    - tau (99QCGATE TAU), q (99QCGATE QEST) and the margin (99QCGATE MARGIN), UCUM "1";
+    - tau (99QCGATE TAU), q (99QCGATE QEST) and the accept margin (99QCGATE MARGIN: accept if
+      q >= tau + MARGIN; left out when accept is impossible) and, when the band is asymmetric, the
+      reject margin (99QCGATE MARGINREJ: reject if q < tau - MARGINREJ), UCUM "1";
     - the lesion area, SCT 42798000 "Area", UCUM "mm2";
     - the UM statistics when an uncertainty map was used (99QCGATE UM_*);
     - the verdict: DCM 111050 "Quality Assessment" = DCM 111237 / 111236 / 111235
@@ -16,7 +18,10 @@ Content tree
 * One series summary group, finding type 99QCGATE SERIESQC, with the series verdict (DCM 111050), the
   quality control standard (DCM 111051 = DCM 111240 institutionally defined), the numbers of accepted,
   review and rejected slices, the number of ensemble members, the q source, whether the uncertainty
-  map was used, and as TEXT items the policy (99QCGATE POLICY) and each note (DCM 121106 "Comment").
+  map was used, the q estimator's validation MAE (99QCGATE QMAE), and as TEXT items the policy
+  (99QCGATE POLICY), the verdict rule with its numbers (99QCGATE RULE), for a SYNTHETIC model the flag
+  (99QCGATE SYNTHMODEL; the device observer's model name also ends in "SYNTHETIC") and each note
+  (DCM 121106 "Comment").
 
 The evidence lists every CT image, the QC SEG when given, and the AI segmentations judged.
 ``read_qc_sr`` reads such an SR back into plain Python values.
@@ -25,6 +30,7 @@ The evidence lists every CT image, the QC SEG when given, and the AI segmentatio
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +68,7 @@ def _observation_context(result: CaseResult) -> hd.sr.ObservationContext:
         uid=device_observer_uid(result.model_name, result.model_version),
         name="qcgate",
         manufacturer_name=MANUFACTURER,
-        model_name=f"{result.model_name} {result.model_version}",
+        model_name=f"{result.model_name} {result.model_version}" + (" SYNTHETIC" if result.synthetic_model else ""),
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -101,7 +107,11 @@ def _slice_items(item: SliceResult) -> tuple[list[hd.sr.Measurement], list[hd.sr
         measurements.append(_ratio(qc_codes.Q_ESTIMATE, item.q))
     else:
         evaluations.append(hd.sr.QualitativeEvaluation(name=qc_codes.Q_ESTIMATE, value=qc_codes.VALUE_UNKNOWN))
-    measurements.append(_ratio(qc_codes.MARGIN, item.margin))
+    if item.margin is not None and math.isfinite(item.margin):  # an infinite accept margin: accept impossible
+        measurements.append(_ratio(qc_codes.MARGIN, item.margin))
+    reject_margin = item.margin if item.margin_reject is None else item.margin_reject
+    if reject_margin is not None and math.isfinite(reject_margin) and reject_margin != item.margin:
+        measurements.append(_ratio(qc_codes.MARGIN_REJECT, reject_margin))
     measurements.append(hd.sr.Measurement(name=qc_codes.AREA, value=float(item.lesion_area_mm2), unit=qc_codes.UNIT_MM2))
     for name, value in sorted((item.uncertainty or {}).items()):
         if value == value:  # a NaN statistic (empty region) is left out rather than written as a number
@@ -211,6 +221,7 @@ def _summary_group(result: CaseResult, algorithm: hd.sr.AlgorithmIdentification)
             _count(qc_codes.SLICES_REVIEW, verdicts.count(Verdict.REVIEW), qc_codes.UNIT_SLICES),
             _count(qc_codes.SLICES_REJECTED, verdicts.count(Verdict.REJECT), qc_codes.UNIT_SLICES),
             _count(qc_codes.ENSEMBLE_MEMBERS, result.n_members, qc_codes.UNIT_MEMBERS),
+            *([_ratio(qc_codes.Q_VALIDATION_MAE, result.q_validation_mae)] if result.q_validation_mae is not None else []),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_ASSESSMENT, value=qc_codes.VERDICT_CODES[result.series_verdict]),
@@ -224,6 +235,16 @@ def _summary_group(result: CaseResult, algorithm: hd.sr.AlgorithmIdentification)
     container.ContentSequence.append(hd.sr.TextContentItem(
         name=qc_codes.SERIES_POLICY, value=_text(result.series_policy or "not stated"), relationship_type="CONTAINS",
     ))
+    if result.verdict_rule:
+        container.ContentSequence.append(hd.sr.TextContentItem(
+            name=qc_codes.VERDICT_RULE, value=_text(result.verdict_rule), relationship_type="CONTAINS",
+        ))
+    if result.synthetic_model:
+        container.ContentSequence.append(hd.sr.TextContentItem(
+            name=qc_codes.SYNTHETIC_MODEL, value=_text(f"SYNTHETIC model {result.model_name} {result.model_version}: "
+                                                      "trained on generated data; not for clinical decisions"),
+            relationship_type="CONTAINS",
+        ))
     for note in notes:
         container.ContentSequence.append(hd.sr.TextContentItem(
             name=qc_codes.COMMENT, value=_text(note), relationship_type="CONTAINS",
@@ -283,7 +304,7 @@ def build_qc_sr(
     if qc_seg is not None:
         evidence.append(qc_seg)
     evidence.extend(sources.segmentations if sources is not None else source_headers_for_derivation(result.segmentation_datasets))
-    synthetic = is_synthetic_source(ct_sources)
+    synthetic = is_synthetic_source(ct_sources) or result.synthetic_model
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -321,7 +342,7 @@ class SliceReport:
     sop_instance_uid: str
     tau: float
     q: float | None
-    margin: float
+    margin: float | None  # accept margin; None when accept is impossible
     verdict: Verdict
     lesion_area_mm2: float
     uncertainty: dict[str, float] = field(default_factory=dict)
@@ -329,6 +350,7 @@ class SliceReport:
     z_mm: float | None = None  # its z position (99QCGATE SLICEZ)
     outline: list[tuple[float, float]] | None = None  # SCOORD POLYLINE (column, row) of the TID 1410 group
     qc_seg_segment: int | None = None  # the QC SEG segment number referenced (99QCGATE QCSEGSEG)
+    margin_reject: float | None = None  # present when it differs from margin (a conformal band)
 
 
 @dataclass
@@ -344,6 +366,9 @@ class QcReport:
     uses_uncertainty: bool
     notes: list[str]
     observer_model_name: str
+    verdict_rule: str = ""
+    q_validation_mae: float | None = None
+    synthetic_model: str = ""  # the SYNTHETIC-model text item, "" when absent
 
 
 def _single_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, concept: Code) -> float | None:
@@ -408,7 +433,8 @@ def read_qc_sr(path: Path) -> QcReport:
             qc_seg_segment=_segment_number(group),
             tau=float(_single_value(group, qc_codes.TAU)),
             q=_single_value(group, qc_codes.Q_ESTIMATE),
-            margin=float(_single_value(group, qc_codes.MARGIN)),
+            margin=_single_value(group, qc_codes.MARGIN),
+            margin_reject=_single_value(group, qc_codes.MARGIN_REJECT),
             verdict=_verdict(_single_code(group, qc_codes.QUALITY_ASSESSMENT)),
             lesion_area_mm2=float(_single_value(group, qc_codes.AREA)),
             uncertainty=uncertainty,
@@ -423,6 +449,9 @@ def read_qc_sr(path: Path) -> QcReport:
     texts = [item for item in summary[0].ContentSequence if item.ValueType == "TEXT"]
     policy = [str(item.TextValue) for item in texts if item.ConceptNameCodeSequence[0].CodeValue == qc_codes.SERIES_POLICY.value]
     notes = [str(item.TextValue) for item in texts if item.ConceptNameCodeSequence[0].CodeValue == qc_codes.COMMENT.value]
+    rule = [str(item.TextValue) for item in texts if item.ConceptNameCodeSequence[0].CodeValue == qc_codes.VERDICT_RULE.value]
+    synthetic = [str(item.TextValue) for item in texts
+                 if item.ConceptNameCodeSequence[0].CodeValue == qc_codes.SYNTHETIC_MODEL.value]
     used = _single_code(summary, qc_codes.UNCERTAINTY_USED)
     observers = report.get_observer_contexts()
     model_name = ""
@@ -444,4 +473,7 @@ def read_qc_sr(path: Path) -> QcReport:
         uses_uncertainty=used is not None and used.value == qc_codes.YES.value,
         notes=notes,
         observer_model_name=model_name,
+        verdict_rule=rule[0] if rule else "",
+        q_validation_mae=_single_value(summary, qc_codes.Q_VALIDATION_MAE),
+        synthetic_model=synthetic[0] if synthetic else "",
     )

@@ -116,7 +116,9 @@ def test_a_synthetic_case_flows_from_storescu_to_the_pacs(make_gate, pacs: Store
     import json
 
     info = json.loads(detail.stdout)
-    assert info["n_members"] == 2 and info["uses_uncertainty"] is True and info["q_source"] == "ensemble-agreement"
+    # q on tau's scale from the model's q estimator, never the raw ensemble agreement
+    assert info["n_members"] == 2 and info["uses_uncertainty"] is True and info["q_source"] == "learned-um"
+    assert "SYNTHETIC model phantom-full" in info["notes"]
     assert len(info["slices"]) >= 1
     assert all(s["verdict"] in ("accept", "review", "reject") and 0 <= s["tau"] <= 1 for s in info["slices"])
     assert gate.sql("SELECT count(*) FROM slice_results") == [(len(info["slices"]),)]
@@ -153,16 +155,45 @@ def test_real_lung2_ct_with_a_two_member_fractional_ensemble(make_gate, pacs: St
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_dcmqi_liver_with_one_member_goes_to_review_with_its_threshold(make_gate, pacs: StoreSCP) -> None:
+def test_a_single_fractional_member_gets_q_and_band_verdicts_end_to_end(make_gate, pacs: StoreSCP, tmp_path: Path) -> None:
+    """One FRACTIONAL member on a real chest CT: q from the probability map (no ensemble), verdicts by
+    the conformal band, and the SR read back names the q source, its validation error and the rule."""
+    from qcgate.writers.sr import read_qc_sr
+
+    gate = pipeline_gate(make_gate, pacs, "lidc-geometry")
+    ct_files, members = write_lung2_case(tmp_path / "lung2")
+    assert storescu(gate.port, [*ct_files, members[0]]).returncode == 0
+    wait_until(lambda: case_done(gate))
+    info = gate_case(gate)
+    assert info["n_members"] == 1 and info["q_source"] in ("probability", "learned")
+    assert info["slices"] and all(s["q"] is not None for s in info["slices"])
+    wait_until(lambda: len(pacs.received()) >= 2)
+    check_outputs(pacs, ct_files, info["slices"])
+    sr_path = next(p for p in sorted(pacs.folder.iterdir())
+                   if str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) == SR_CLASS)
+    report = read_qc_sr(sr_path)
+    assert report.q_source == info["q_source"] and report.q_validation_mae is not None
+    assert "conformal" in report.verdict_rule and report.synthetic_model == ""
+    for item in report.slices:  # each verdict is the band's answer for its (tau, q)
+        assert item.q is not None
+        accept = item.margin is not None and item.q >= item.tau + item.margin - 1e-6
+        reject_margin = item.margin if item.margin_reject is None else item.margin_reject
+        reject = not accept and reject_margin is not None and item.q < item.tau - reject_margin + 1e-6
+        if abs(item.q - item.tau - (item.margin or 0)) > 1e-4 and abs(item.q - item.tau + (reject_margin or 0)) > 1e-4:
+            assert item.verdict.value == ("accept" if accept else "reject" if reject else "review")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_dcmqi_liver_with_one_binary_member_gets_the_mask_only_q(make_gate, pacs: StoreSCP) -> None:
     gate = pipeline_gate(make_gate, pacs, "lidc-geometry", pipeline={"lesion_segment_labels": ["liver"]})
     files = sorted((DCMQI_LIVER / "ct-3slice").glob("*")) + [DCMQI_LIVER / "liver.dcm"]
     assert storescu(gate.port, files).returncode == 0
     wait_until(lambda: case_done(gate))
     info = gate_case(gate)
-    assert info["n_members"] == 1 and info["uses_uncertainty"] is False and info["q_source"] == "none"
-    assert info["series_verdict"] == "review"
-    assert info["slices"] and all(s["verdict"] == "review" and s["q"] is None and 0 <= s["tau"] <= 1 for s in info["slices"])
-    assert "no uncertainty map" in info["notes"]
+    # one BINARY member: no probabilities, so q comes from the mask-only estimator, and it says so
+    assert info["n_members"] == 1 and info["uses_uncertainty"] is False and info["q_source"] == "learned-mask"
+    assert info["slices"] and all(s["q"] is not None and 0 <= s["tau"] <= 1 for s in info["slices"])
+    assert "no uncertainty map" in info["notes"] and "BINARY member" in info["notes"]
     wait_until(lambda: len(pacs.received()) >= 2)
     check_outputs(pacs, files[:3], info["slices"])
 

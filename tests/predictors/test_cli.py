@@ -37,7 +37,7 @@ def test_train_then_evaluate_json(cohort_dir: Path, tmp_path: Path, capsys: pyte
                  "--out", str(report)]) == 0
     payload = json.loads(capsys.readouterr().out)
     methods = [row["method"] for row in payload["rows"]]
-    assert methods == ["Global thresholding", "Ridge w/o UM", "Ridge w. UM"]
+    assert methods == ["Global thresholding", "Global thresholding (median)", "Ridge w/o UM", "Ridge w. UM"]
     assert payload["rows"][0]["mae"] > 0 and payload["synthetic"] is True
     assert all(0 <= row["good_included_pct"] <= 100 for row in payload["rows"])
     for name in ("table3.csv", "table3.md", "table3.html", "predicted_vs_true.png", "error_distributions.png"):

@@ -76,7 +76,7 @@ def test_same_seed_same_metrics_different_seed_different_resnet() -> None:
     rows = build_rows(cohort, groups=["geometry", "uncertainty"], with_crops=True, crop_size=32)
     first = cross_validate(rows, n_folds=3, resnet_config=tiny_resnet_config(seed=1))
     second = cross_validate(rows, n_folds=3, resnet_config=tiny_resnet_config(seed=1))
-    assert set(first) == {GLOBAL, RIDGE, "Ridge w. UM", "ResNet w/o UM", "ResNet w. UM", "Ensemble w/o UM", "Ensemble w. UM"}
+    assert set(first) == {GLOBAL, "Global thresholding (median)", RIDGE, "Ridge w. UM", "ResNet w/o UM", "ResNet w. UM", "Ensemble w/o UM", "Ensemble w. UM"}
     for method in first:
         assert np.array_equal(first[method], second[method]), method
     other = cross_validate(rows, n_folds=3, resnet_config=tiny_resnet_config(seed=2))

@@ -1,0 +1,137 @@
+"""The verdict's q and band at run time, and the checks that keep a verdict honest.
+
+``slice_quality`` picks the q source of a case and computes q per slice:
+
+* ``reference``: a reader's SEG is in the case: q = Dice(AI, reader) (unchanged); the band is the
+  symmetric margin (tau's validation MAE, or ``pipeline.margin``): there is nothing to estimate.
+* otherwise the model's q estimators (``quality.json``, ``qcgate.predictors.quality``): the default
+  estimator when it applies to the input, else the best-validated one that does (a single BINARY
+  member has no probabilities: ``learned-mask``), with that estimator's conformal band
+  (``qcgate.predictors.band``) at the configured targets ``pipeline.max_missed_bad`` and
+  ``pipeline.max_rejected_good``. The raw ensemble agreement is never q.
+* a model without q estimators (trained before they existed): q unknown, every slice ``review``,
+  with that reason.
+
+``domain_problems`` lists why an input is outside the model's domain (not CT, not HU, no lung on any
+slice); the worker then gives every slice ``review`` with the reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NO_ESTIMATOR_REASON = ("the model {model} has no q estimator (trained before quality.json existed): q is unknown, "
+                       "every slice goes to review; retrain it with qcgate train-gate")
+
+
+@dataclass
+class CaseQuality:
+    """q per lesion slice and the rule that turns (tau, q) into a verdict."""
+
+    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "reference" | "none"
+    q: list[float | None]
+    q_validation_mae: float | None  # the estimator's validation MAE (None: reference / none)
+    margin_accept: float | None  # accept if q >= tau + margin_accept
+    margin_reject: float | None  # reject if q < tau - margin_reject
+    rule: str  # the rule and its numbers, in words (SR, report)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_binary_member(member) -> bool:
+    """A SEG member without probabilities: a BINARY/LABELMAP SEG, or a FRACTIONAL one holding 0/1 only."""
+    kind = str(getattr(member.dataset, "SegmentationType", "") or "").upper()
+    if kind and kind != "FRACTIONAL":
+        return True
+    probability = member.probability
+    occupied = probability[probability > 0]
+    return occupied.size > 0 and bool(np.all(occupied >= 0.999))
+
+
+def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: list[int], ct, taus: list[float],
+                  settings, fallback_margin: float) -> CaseQuality:
+    """q and the band of every lesion slice (see the module docstring)."""
+    from qcgate.core.agreement import dice
+
+    if references:
+        margin = settings.margin if settings.margin is not None else fallback_margin
+        q = [dice(mean[k] >= 0.5, references[0].probability[k] >= 0.5) for k in lesion_slices]
+        return CaseQuality("reference", q, None, margin, margin,
+                           f"accept if q >= tau + {margin:.3f}, reject if q < tau - {margin:.3f} (q = Dice against the "
+                           "reference reader's SEG; margin = tau's validation MAE)",
+                           ["q is the Dice of the AI segmentation against the reference reader's SEG"])
+    estimators = getattr(model, "q_estimators", None)
+    if estimators is None:
+        reason = NO_ESTIMATOR_REASON.format(model=f"{model.name} {model.version}")
+        return CaseQuality("none", [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason])
+    binary = all(is_binary_member(m) for m in ensemble)
+    name = estimators.choose(has_probability=not binary, n_members=len(ensemble))
+    if name is None:
+        reason = ("no q estimator of the model applies to this input (" +
+                  ("BINARY members: no probabilities" if binary else f"{len(ensemble)} member(s)") + "): review")
+        return CaseQuality("none", [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason])
+    estimator = estimators.estimators[name]
+    band = estimator.band
+    targets = (settings.max_missed_bad, settings.max_rejected_good)
+    if (band.max_missed_bad, band.max_rejected_good) != targets:
+        band = band.with_targets(*targets)
+    notes = []
+    if binary:
+        notes.append(f"BINARY member(s): no probabilities; q from the {name} estimator (mask geometry only)")
+    if name != estimators.default:
+        notes.append(f"q estimator {name} (the default {estimators.default} does not apply to this input)")
+    values: list[float | None] = []
+    for position, k in enumerate(lesion_slices):
+        features = _features(estimator, estimators.temperature, model, mean[k].astype(np.float32),
+                             np.stack([m.probability[k].astype(np.float32) for m in ensemble]) if len(ensemble) >= 2 else None,
+                             ct, k, binary)
+        values.append(estimator.estimate(features))
+    rule = f"q source {name} (validation MAE {estimator.validation_mae:.3f}); {band.describe()}"
+    return CaseQuality(name, values, estimator.validation_mae, band.margin_accept, band.margin_reject, rule, notes)
+
+
+def _features(estimator, temperature: float, model, probability: np.ndarray, members, ct, k: int,
+              binary: bool) -> dict[str, float]:
+    from qcgate.predictors.quality import slice_quality_features
+
+    groups = sorted({n.split(".", 1)[0] for n in estimator.feature_names} - {"prob", "ens"}) or ["geometry"]
+    uses_image = any(g in groups for g in ("imaging", "texture", "border"))
+    image = ct.hu[k].astype(np.float32) if uses_image else None
+    return slice_quality_features(probability, ct.pixel_spacing, temperature=temperature,
+                                  members=members if "ens" in estimator.needs() else None, image_hu=image,
+                                  position_map=model.position_map, groups=groups, binary=binary)
+
+
+def domain_problems(ct, model, lung_found: bool) -> list[str]:
+    """Why this series is outside the model's domain (empty when it is inside): a modality other than
+    CT, pixel values that are not HU, no lung on any lesion slice."""
+    problems = []
+    modalities = {str(ds.get("Modality", "") or "").upper() for ds in ct.datasets} - {""}
+    if modalities - {"CT"}:
+        problems.append(f"modality {', '.join(sorted(modalities - {'CT'}))}: the model was trained on CT only")
+    rescale_type = {str(ds.get("RescaleType", "") or "").upper() for ds in ct.datasets} - {""}
+    if rescale_type - {"HU"}:
+        problems.append(f"Rescale Type {', '.join(sorted(rescale_type))}: pixel values are not HU")
+    else:
+        hu = np.asarray(ct.hu)
+        low, high = float(np.percentile(hu, 0.5)), float(np.percentile(hu, 99.5))
+        if low > -500 or high > 4000 or low < -3000:
+            problems.append(f"pixel values {low:.0f}..{high:.0f} (0.5-99.5 percentiles) do not look like HU "
+                            "(air near -1000 expected)")
+    if not lung_found:
+        problems.append("no lung found on any lesion slice: the model was trained on lung lesions")
+    return problems
+
+
+def synthetic_warning(model) -> str | None:
+    """The flag for a SYNTHETIC model applied to a (presumably real) CT."""
+    if getattr(model, "synthetic", False):
+        return (f"SYNTHETIC model {model.name} {model.version}: trained on generated data, for demos and tests only; "
+                "not for clinical decisions")
+    return None
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
