@@ -155,6 +155,7 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(default=60.0, gt=0, description="a running job whose lease is this old is re-queued by any dispatcher")
     heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a dispatcher renews the leases of its running jobs")
     job_memory_limit_mb: int = Field(default=4096, ge=0, description="address-space limit of each worker process (RLIMIT_AS); 0: none")
+    executor: str = Field(default="local", description='"local" (a process pool of `workers`) or "dask://HOST:PORT" (a Dask scheduler)')
     margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin; default the model's validation MAE")
     series_policy: str = Field(default="strict", description="strict | fraction")
     reject_fraction: float = Field(default=0.25, gt=0, le=1, description="for series_policy = fraction")
@@ -167,6 +168,18 @@ class PipelineSettings(_Section):
     def _policy(cls, value: str) -> str:
         if value not in {"strict", "fraction"}:
             raise ValueError(f"{value!r} is not one of strict, fraction")
+        return value
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, value: str) -> str:
+        value = value.strip()
+        if value == "local":
+            return value
+        host, _, port = value.removeprefix("dask://").rpartition(":")
+        if not value.startswith("dask://") or not host or any(c in host for c in "/@ ") or not port.isdigit() \
+                or not 1 <= int(port) <= 65535:
+            raise ValueError(f'{value!r} is neither "local" nor "dask://HOST:PORT" (a Dask scheduler, e.g. dask://qc-sched:8786)')
         return value
 
     @model_validator(mode="after")
