@@ -35,9 +35,10 @@ class Processes:
         self.started: dict[str, subprocess.Popen[bytes]] = {}
         self.seen: dict[int, str] = {}
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder,
+                                   env=None if env is None else {**os.environ, **env})
         log.close()
         self.started[name] = process
         self.seen[process.pid] = " ".join(argv)
@@ -72,6 +73,7 @@ class Processes:
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
+                print(f"pid {process.pid} ({self.seen[process.pid]}) ignored SIGTERM for {timeout:g} s: SIGKILL")
                 _signal_group(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
         deadline = time.monotonic() + 5
