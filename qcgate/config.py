@@ -155,6 +155,7 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(default=60.0, gt=0, description="a running job whose lease is this old is re-queued by any dispatcher")
     heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a dispatcher renews the leases of its running jobs")
     job_memory_limit_mb: int = Field(default=4096, ge=0, description="address-space limit of each worker process (RLIMIT_AS); 0: none")
+    executor: str = Field(default="local", description='"local" (a process pool of `workers`) or "dask://HOST:PORT" (a Dask scheduler)')
     margin: float | None = Field(default=None, ge=0, le=1, description="verdict margin with a reference reader's SEG; default tau's validation MAE")
     max_missed_bad: float = Field(default=0.10, gt=0, lt=1, description="decision band target: the largest share of "
                                   "bad AI slices accepted (class-conditional split-conformal on q - tau)")
@@ -174,6 +175,18 @@ class PipelineSettings(_Section):
     def _policy(cls, value: str) -> str:
         if value not in {"strict", "fraction"}:
             raise ValueError(f"{value!r} is not one of strict, fraction")
+        return value
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, value: str) -> str:
+        value = value.strip()
+        if value == "local":
+            return value
+        host, _, port = value.removeprefix("dask://").rpartition(":")
+        if not value.startswith("dask://") or not host or any(c in host for c in "/@ ") or not port.isdigit() \
+                or not 1 <= int(port) <= 65535:
+            raise ValueError(f'{value!r} is neither "local" nor "dask://HOST:PORT" (a Dask scheduler, e.g. dask://qc-sched:8786)')
         return value
 
     @model_validator(mode="after")

@@ -24,9 +24,11 @@ The jobs table is the durable queue, shared by every `serve` and `qcgate worker`
 
 The executor is a local process pool (:class:`LocalProcessPool`) by default: spawned workers that
 exit as soon as the dispatcher's process dies (:mod:`qcgate.pipeline.lifeline`) and run under
-``job_memory_limit_mb``. Any ``concurrent.futures.Executor`` can be passed in instead, and is then
-only shut down, never killed. Since a process pool cannot cancel a running task, an overrun replaces
-the whole pool.
+``job_memory_limit_mb``. ``pipeline.executor = "dask://HOST:PORT"`` runs the jobs on a Dask
+cluster instead (:mod:`qcgate.pipeline.dask_executor`): as many in flight as the cluster has worker
+threads, one run per claim, a dead Dask worker counted as a death. Any ``concurrent.futures.Executor``
+can be passed in instead, and is then only shut down, never killed. Since a process pool cannot
+cancel a running task, an overrun replaces the whole pool; on Dask only the overrun job is dropped.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qcgate.config import Settings
 from qcgate.pipeline import lifeline
+from qcgate.pipeline.dask_executor import DaskExecutor, DaskJobLost, DaskWorkerDied
 from qcgate.pipeline.notify import JOBS_CHANNEL, notify_job_pending
 from qcgate.pipeline.worker import worker_identity
 from qcgate.store.models import Case, CaseState, Job, JobState, utcnow
@@ -117,6 +120,22 @@ class LocalProcessPool(ProcessPoolExecutor):
 
 def local_process_pool(workers: int, memory_limit_mb: int = 0) -> LocalProcessPool:
     return LocalProcessPool(workers, memory_limit_mb)
+
+
+def executor_factory_for(settings: Settings) -> Callable[[int], Executor]:
+    """The executor ``pipeline.executor`` names: the local process pool, or a Dask scheduler."""
+    if settings.pipeline.executor.startswith("dask://"):
+        import importlib.util
+
+        if importlib.util.find_spec("distributed") is None:
+            from qcgate.errors import ConfigError
+
+            raise ConfigError(f"pipeline.executor = {settings.pipeline.executor!r} needs the distributed package: "
+                              "pip install 'qcgate[dask]'")
+        address = settings.pipeline.executor
+        return lambda workers: DaskExecutor(address)
+    limit = settings.pipeline.job_memory_limit_mb
+    return lambda workers: local_process_pool(workers, limit)
 
 
 def _worker_processes(executor: Executor) -> list[BaseProcess]:
@@ -258,11 +277,8 @@ class Dispatcher(threading.Thread):
         super().__init__(name="qcgate-dispatcher", daemon=True)
         self.settings = settings
         self.session_factory = session_factory
-        if executor_factory is None:
-            limit = settings.pipeline.job_memory_limit_mb
-            executor_factory = lambda workers: local_process_pool(workers, limit)  # noqa: E731
-        self.executor_factory = executor_factory
-        self.executor = executor_factory(settings.pipeline.workers)
+        self.executor_factory = executor_factory or executor_factory_for(settings)
+        self.executor = self.executor_factory(settings.pipeline.workers)
         self.running: dict[int, RunningJob] = {}
         self._stop_event = threading.Event()
         self._wake = threading.Event()
@@ -292,7 +308,7 @@ class Dispatcher(threading.Thread):
                     renew_leases(self.session_factory, [entry.token for entry in self.running.values()], pipeline.lease_seconds)
                     recover_interrupted_jobs(self.session_factory, pipeline.max_job_attempts,
                                              keep={entry.token for entry in self.running.values()})
-                while len(self.running) < pipeline.workers:
+                while len(self.running) < self._capacity():
                     claim = claim_next_job(self.session_factory, pipeline.lease_seconds)
                     if claim is None:
                         break
@@ -318,6 +334,12 @@ class Dispatcher(threading.Thread):
                 broken.append((job_id, entry))
             except MemoryError:
                 self._fail(job_id, entry.token, f"exceeded the memory limit of {self.settings.pipeline.job_memory_limit_mb} MB")
+            except DaskWorkerDied as exc:  # one run per claim: Dask's own re-run was refused
+                LOG.error("job %s: %s", job_id, exc)
+                self._end(job_id, entry.token, DIED, str(exc))
+            except DaskJobLost as exc:
+                LOG.error("job %s: %s", job_id, exc)
+                self._end(job_id, entry.token, LOST, str(exc))
             except Exception as exc:  # the worker could not even start the job
                 self._fail(job_id, entry.token, f"internal error: {type(exc).__name__}: {exc}")
         if not broken:
@@ -341,7 +363,12 @@ class Dispatcher(threading.Thread):
             return
         for job_id in overdue:
             LOG.error("job %s: time limit of %g s exceeded", job_id, limit)
-            self._end(job_id, self.running.pop(job_id).token, TIMED_OUT, f"time limit of {limit:g} s exceeded")
+            entry = self.running.pop(job_id)
+            self._end(job_id, entry.token, TIMED_OUT, f"time limit of {limit:g} s exceeded")
+            if isinstance(self.executor, DaskExecutor):
+                self.executor.cancel_job(job_id, entry.token)  # its claim watch ends the Dask worker running it
+        if isinstance(self.executor, DaskExecutor):
+            return  # the other jobs run on other Dask workers: nothing to replace
         # A process pool cannot cancel a running task: replace the pool; other jobs run again.
         for job_id, entry in list(self.running.items()):
             self._hand_back(job_id, entry.token)
@@ -349,6 +376,12 @@ class Dispatcher(threading.Thread):
         self._replace_executor()
 
     # -- recording --------------------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        """How many jobs may be in flight: the local pool's size, or the Dask cluster's threads."""
+        if isinstance(self.executor, DaskExecutor):
+            return self.executor.capacity()
+        return self.settings.pipeline.workers
 
     def _job_exit_code(self, job_id: int) -> int | None:
         return self.executor.job_exit_code(job_id) if isinstance(self.executor, LocalProcessPool) else None
