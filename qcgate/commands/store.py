@@ -322,7 +322,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     deliveries = audit_commands.add_parser("deliveries", help="the outbox: delivered, pending and dead letters")
     add_settings_arguments(deliveries)
-    deliveries.add_argument("--state", choices=["pending", "sent", "dead"])
+    deliveries.add_argument("--state", choices=["pending", "held", "sent", "dead", "discarded"])
     deliveries.add_argument("--series", metavar="UID", help="only the outputs of this CT series")
     deliveries.add_argument("--kind", choices=["seg", "sr", "pmap", "report"], help="only this output kind")
     deliveries.add_argument("--sop-instance-uid", metavar="UID", help="only the output with this SOP Instance UID")

@@ -3,8 +3,9 @@
 Rules (`storage.retention_days`, `storage.retention_free_mb`):
 
 - a case is *eligible* when it is finished — state done, failed or incomplete, and no job of it is
-  pending or running — and none of its outputs has a pending delivery. Unfinished cases and
-  undelivered outputs are never deleted, whatever their age or the disk;
+  pending or running — and none of its outputs has a pending or held delivery (held: waiting for a
+  reviewer). Unfinished cases and undelivered outputs are never deleted, whatever their age or the
+  disk;
 - by age: every eligible case created more than ``retention_days`` ago (0: never);
 - by disk: while free space is below ``retention_free_mb`` (0: off), the oldest eligible cases,
   one at a time, re-measuring after each.
@@ -74,12 +75,16 @@ class RetentionReport:
                 f"free {self.free_mb_before:.0f} MB -> {self.free_mb_after:.0f} MB")
 
 
+def _undelivered():  # -> a SQL condition on Case
+    """Some output of the case still waits: a pending delivery, or a held one (for a reviewer)."""
+    return exists().where(Output.case_id == Case.id, Delivery.output_id == Output.id,
+                          Delivery.state.in_((DeliveryState.PENDING.value, DeliveryState.HELD.value)))
+
+
 def _eligible_condition() -> Any:
     """SQL condition on Case: finished and nothing left to deliver."""
     unfinished_job = exists().where(Job.case_id == Case.id, Job.state.in_([JobState.PENDING.value, JobState.RUNNING.value]))
-    pending_delivery = (exists().where(Output.case_id == Case.id, Delivery.output_id == Output.id,
-                                       Delivery.state == DeliveryState.PENDING.value))
-    return Case.state.in_(FINISHED_STATES) & ~unfinished_job & ~pending_delivery
+    return Case.state.in_(FINISHED_STATES) & ~unfinished_job & ~_undelivered()
 
 
 def _case_files(session: Session, case_id: int, settings: Settings) -> list[Path]:
@@ -200,8 +205,7 @@ def run_retention(settings: Settings, session_factory: sessionmaker[Session], *,
             aged = list(session.scalars(select(Case.id).where(old, _eligible_condition()).order_by(Case.created_at, Case.id)))
             unfinished_job = exists().where(Job.case_id == Case.id, Job.state.in_([JobState.PENDING.value, JobState.RUNNING.value]))
             report.kept_unfinished = _count(session, old & (~Case.state.in_(FINISHED_STATES) | unfinished_job))
-            report.kept_undelivered = _count(session, old & Case.state.in_(FINISHED_STATES) & exists().where(
-                Output.case_id == Case.id, Delivery.output_id == Output.id, Delivery.state == DeliveryState.PENDING.value))
+            report.kept_undelivered = _count(session, old & Case.state.in_(FINISHED_STATES) & _undelivered())
         else:
             cutoff = None
             aged = []
