@@ -195,8 +195,9 @@ class StowService:
             parser = MultipartParser(boundary)
             async for chunk in request.stream():
                 received += len(chunk)
-                if received > self.max_bytes:
-                    raise RequestRefused(413, f"the body is larger than http.stow_max_bytes ({self.max_bytes})")
+                over = received - self.max_bytes
+                if over > 0:  # the bytes within the limit are parsed (parts complete in them are stored), then 413
+                    chunk = chunk[:len(chunk) - over]
                 for event in parser.feed(chunk):
                     if isinstance(event, PartData):
                         if part is not None:
@@ -209,6 +210,8 @@ class StowService:
                         outcome.add(await run_in_threadpool(self._finish, done, study))
                 if parser.done:
                     break
+                if over > 0:
+                    raise RequestRefused(413, f"the body is larger than http.stow_max_bytes ({self.max_bytes})")
             parser.finish()
             if parser.parts == 0:
                 raise RequestRefused(400, "the request holds no instance")
@@ -351,7 +354,7 @@ class StowService:
             headers["www-authenticate"] = 'Bearer realm="qcgate"'
         if outcome.messages:
             # PS3.18 §8.4 (Warning header): the reasons in words, for people reading logs of the sender.
-            text = "; ".join(outcome.messages)[:900].replace('"', "'")
+            text = "; ".join(outcome.messages)[:900].replace('"', "'").encode("ascii", "backslashreplace").decode("ascii")
             headers["warning"] = f'299 qcgate "{text}"'
         body = outcome.body()
         if not body:  # nothing was received: the request itself was refused
