@@ -419,6 +419,10 @@ class HttpSettings(_Section):
     session_hours: float = Field(default=12.0, gt=0, description="a console login lasts this long")
     login_attempts_per_minute: int = Field(default=5, ge=1, description="failed logins allowed per user name and per address")
     page_size: int = Field(default=50, ge=1, le=1000, description="rows per page in the console's lists")
+    stow_max_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="largest STOW-RS request body (POST /dicomweb/studies); larger: 413")
+    stow_max_part_bytes: int = Field(
+        default=1024**3, ge=1024, description="largest instance in a STOW-RS request; larger: that instance fails (0xA700)")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "HttpSettings":

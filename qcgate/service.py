@@ -56,12 +56,12 @@ class GateService:
         self.http = self._http_server() if settings.http_enabled else None
 
     def _http_server(self) -> HttpServer:
-        """One HTTP server on http.host:port: the web console, /api, /metrics and /healthz."""
+        """One HTTP server on http.host:port: the web console, /api, STOW-RS in, /metrics and /healthz."""
         host, port = self.settings.http_bind
         observability = observability_routes(lambda: render(self.metrics, self.session_factory, self.is_alive),
                                              self.health_checks, self.health_details)
         app = create_app(self.settings, self.session_factory, extra_routes=observability,
-                         health=self.health_checks, details=self.health_details)
+                         health=self.health_checks, details=self.health_details, ingestor=self.ingestor, metrics=self.metrics)
         http = self.settings.http
         return HttpServer(host, port, app, cert_file=http.tls_cert_file, key_file=http.tls_key_file)
 

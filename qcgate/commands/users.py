@@ -15,7 +15,7 @@ from qcgate.errors import QcgateError
 if TYPE_CHECKING:  # imported in the handlers, so that `qcgate --help` does not load SQLAlchemy
     from sqlalchemy.orm import Session
 
-ROLES = ("viewer", "reviewer", "admin")
+ROLES = ("viewer", "reviewer", "admin", "sender")
 
 
 @contextlib.contextmanager
@@ -99,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_settings_arguments(add)
     add.add_argument("name")
     add.add_argument("--role", choices=ROLES, required=True, help="viewer: reads; reviewer: also decides reviews; "
-                     "admin: also re-sends deliveries and re-queues jobs")
+                     "admin: also re-sends deliveries and re-queues jobs; sender: a machine that only stores "
+                     "instances (STOW-RS), no console")
     add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of standard input")
     add.set_defaults(handler=_add)
     listing = commands.add_parser("list", help="list users, their roles and whether they are disabled")

@@ -545,8 +545,10 @@ def _when(value: str | None) -> str:
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session], *, extra_routes: list[Any] | None = None,
-               health: Callable[[], dict[str, bool]] | None = None, details: Callable[[], dict[str, Any]] | None = None) -> Any:
-    """The console app: its pages and /api, plus ``extra_routes`` (/metrics and /healthz)."""
+               health: Callable[[], dict[str, bool]] | None = None, details: Callable[[], dict[str, Any]] | None = None,
+               ingestor: Any = None, metrics: Any = None) -> Any:
+    """The console app: its pages and /api, plus ``extra_routes`` (/metrics and /healthz) and, given the
+    node's ``ingestor``, STOW-RS in (``/dicomweb/studies``, qcgate.console.dicomweb)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -556,7 +558,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], *, ex
 
     async def http_error(request: Any, exc: Exception) -> Any:
         status = getattr(exc, "status_code", 500)
-        if request.url.path.startswith("/api/"):
+        if request.url.path.startswith(("/api/", "/dicomweb/")):
             return console._json({"error": getattr(exc, "detail", "error")}, status)
         if request.url.path in ("/metrics", "/healthz", "/health"):
             return PlainTextResponse("not found\n", status)
@@ -564,5 +566,10 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], *, ex
                                                                    page_title=str(status), path=request.url.path, notice=None)
         return HTMLResponse(body, status_code=status)
 
-    return Starlette(routes=[*(extra_routes or []), *console.routes()], exception_handlers={HTTPException: http_error},
+    stow: list[Any] = []
+    if ingestor is not None:
+        from qcgate.console.dicomweb import stow_routes
+
+        stow = stow_routes(settings, session_factory, ingestor, metrics)
+    return Starlette(routes=[*(extra_routes or []), *stow, *console.routes()], exception_handlers={HTTPException: http_error},
                      middleware=[Middleware(SecurityHeaders, tls=settings.http.tls)])

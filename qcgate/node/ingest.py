@@ -41,6 +41,7 @@ class IngestResult:
     sop_instance_uid: str | None = None
     case_id: int | None = None
     reason_code: str | None = None  # for refusals and conflicts
+    sop_class_uid: str | None = None  # when known (a STOW-RS response names each instance's class)
 
 
 class Ingestor:
@@ -90,7 +91,7 @@ class Ingestor:
             status = R.status_for(code)
             self._record_refusal(association_id, sop_uid, sop_class, code, message, status, None)
             LOG.warning("refused %s with 0x%04X (%s): %s", R.printable(sop_uid or "instance", 100), status, code, R.printable(message))
-            return IngestResult(status, "refused", message, sop_uid, reason_code=code)
+            return IngestResult(status, "refused", message, sop_uid, reason_code=code, sop_class_uid=sop_class)
         return self._quarantine(incoming, code, message, association_id, sop_uid, sop_class)
 
     def ingest(
@@ -100,16 +101,27 @@ class Ingestor:
         association_id: int | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_sop_class_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
     ) -> IngestResult:
-        """Ingest a complete Part 10 file at ``incoming`` (inside the spool's incoming folder)."""
+        """Ingest a complete Part 10 file at ``incoming`` (inside the spool's incoming folder).
+
+        ``expected_*`` are what the request said (C-STORE's affected UIDs, STOW-RS's study in the
+        path): a data set that differs is refused as ``uid-mismatch``."""
+        header: InstanceHeader | None = None
         try:
             header = read_header(incoming)
             if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid.strip():
                 raise HeaderError(R.UID_MISMATCH, f"SOPInstanceUID in the data set differs from the request's {expected_sop_instance_uid}")
             if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid.strip():
                 raise HeaderError(R.UID_MISMATCH, f"SOPClassUID {header.sop_class_uid} differs from the request's {expected_sop_class_uid}")
+            if expected_study_instance_uid and header.study_instance_uid != expected_study_instance_uid.strip():
+                raise HeaderError(R.UID_MISMATCH, f"StudyInstanceUID {header.study_instance_uid} differs from the study in the "
+                                                  f"request's path {R.printable(expected_study_instance_uid, 80)}")
         except HeaderError as exc:
-            return self._quarantine(incoming, exc.code, str(exc), association_id, expected_sop_instance_uid, expected_sop_class_uid)
+            # The request's UIDs, else the data set's where its header could be read (STOW-RS has no request UIDs).
+            return self._quarantine(incoming, exc.code, str(exc), association_id,
+                                    expected_sop_instance_uid or (header.sop_instance_uid if header else None),
+                                    expected_sop_class_uid or (header.sop_class_uid if header else None))
         self.spool.sync_file(incoming)
         digest = sha256_of_file(incoming)
         size = incoming.stat().st_size
@@ -141,7 +153,8 @@ class Ingestor:
             self.spool.commit(incoming, relative)
             session.commit()
             LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case_id)
-            return IngestResult(R.STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id)
+            return IngestResult(R.STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id,
+                                sop_class_uid=header.sop_class_uid)
 
     def _insert_rows(self, session: Session, header: InstanceHeader, relative: Path, digest: str, size: int,
                      association_id: int | None) -> int | None:
@@ -191,7 +204,8 @@ class Ingestor:
         if stored_sha256 == digest:
             incoming.unlink(missing_ok=True)
             LOG.info("identical re-send of %s: acknowledged, nothing new stored", header.sop_instance_uid)
-            return IngestResult(R.STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, case_id)
+            return IngestResult(R.STATUS_SUCCESS, "duplicate", "identical re-send", header.sop_instance_uid, case_id,
+                                sop_class_uid=header.sop_class_uid)
         message = f"conflicting re-send of {header.sop_instance_uid}: content differs from the stored copy; first copy kept"
         kept = self.spool.set_aside(incoming, kind="conflict", details={
             "sop_instance_uid": header.sop_instance_uid, "reason": message,
@@ -200,7 +214,8 @@ class Ingestor:
         self._record_refusal(association_id, header.sop_instance_uid, header.sop_class_uid, R.CONFLICT, message, R.STATUS_SUCCESS, kept)
         LOG.warning(message)
         # The new copy is kept durably aside, so acknowledging it loses nothing.
-        return IngestResult(R.STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, case_id)
+        return IngestResult(R.STATUS_SUCCESS, "conflict", message, header.sop_instance_uid, case_id,
+                            sop_class_uid=header.sop_class_uid)
 
     def _quarantine(self, incoming: Path, code: str, message: str, association_id: int | None, sop_uid: str | None, sop_class: str | None) -> IngestResult:
         status = R.status_for(code)
@@ -210,7 +225,7 @@ class Ingestor:
         })
         self._record_refusal(association_id, sop_uid, sop_class, code, message, status, kept)
         LOG.warning("refused %s with 0x%04X (%s): %s", R.printable(sop_uid or "instance", 100), status, code, R.printable(message))
-        return IngestResult(status, "refused", message, sop_uid, reason_code=code)
+        return IngestResult(status, "refused", message, sop_uid, reason_code=code, sop_class_uid=sop_class)
 
     def _record_refusal(self, association_id: int | None, sop_uid: str | None, sop_class: str | None, code: str, message: str, status: int, kept: Path | None) -> None:
         with self.session_factory() as session, session.begin():

@@ -380,11 +380,13 @@ class Action(Base):
 
 
 class UserRole(str, enum.Enum):
-    """Viewers read; reviewers also decide reviews; admins also re-send deliveries and re-queue jobs."""
+    """Viewers read; reviewers also decide reviews; admins also re-send deliveries and re-queue jobs.
+    Senders are machines: they only store instances (STOW-RS) and see nothing of the console."""
 
     VIEWER = "viewer"
     REVIEWER = "reviewer"
     ADMIN = "admin"
+    SENDER = "sender"
 
 
 class User(Base):

@@ -21,8 +21,10 @@ from qcgate.errors import QcgateError
 from qcgate.store.models import ApiToken, ConsoleSession, User, UserRole, utcnow
 
 ROLES = tuple(role.value for role in UserRole)
-# What each role may do, cumulative: viewer < reviewer < admin.
-_RANK = {UserRole.VIEWER.value: 0, UserRole.REVIEWER.value: 1, UserRole.ADMIN.value: 2}
+# What each role may do, cumulative: viewer < reviewer < admin. A sender is below viewer: it reads
+# nothing; it may only store instances (STOW-RS), as an admin may.
+_RANK = {UserRole.SENDER.value: -1, UserRole.VIEWER.value: 0, UserRole.REVIEWER.value: 1, UserRole.ADMIN.value: 2}
+STORE_ROLES = (UserRole.SENDER.value, UserRole.ADMIN.value)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD_LENGTH = 10
 TOKEN_PREFIX = "qcg_"
@@ -41,6 +43,10 @@ class Principal:
     def may(self, role: str) -> bool:
         """True when this user's role is ``role`` or above."""
         return _RANK[self.role] >= _RANK[role]
+
+    def may_store(self) -> bool:
+        """True when this user may store instances (STOW-RS): a sender or an admin."""
+        return self.role in STORE_ROLES
 
 
 def _hasher():  # type: ignore[no-untyped-def]
