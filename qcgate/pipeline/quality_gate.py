@@ -51,8 +51,9 @@ def is_binary_member(member) -> bool:
 
 
 def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: list[int], ct, taus: list[float],
-                  settings, fallback_margin: float) -> CaseQuality:
-    """q and the band of every lesion slice (see the module docstring)."""
+                  settings, fallback_margin: float, extracted: list[dict[str, float]] | None = None) -> CaseQuality:
+    """q and the band of every lesion slice (see the module docstring). ``extracted``: per lesion slice,
+    the features already extracted for tau; the q estimator reuses them when they hold all it needs."""
     from qcgate.core.agreement import dice
 
     if references:
@@ -86,17 +87,26 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
     for position, k in enumerate(lesion_slices):
         features = _features(estimator, estimators.temperature, model, mean[k].astype(np.float32),
                              np.stack([m.probability[k].astype(np.float32) for m in ensemble]) if len(ensemble) >= 2 else None,
-                             ct, k, binary)
+                             ct, k, binary, extracted[position] if extracted is not None and position < len(extracted) else None)
         values.append(estimator.estimate(features))
     rule = f"q source {name} (validation MAE {estimator.validation_mae:.3f}); {band.describe()}"
     return CaseQuality(name, values, estimator.validation_mae, band.margin_accept, band.margin_reject, rule, notes)
 
 
 def _features(estimator, temperature: float, model, probability: np.ndarray, members, ct, k: int,
-              binary: bool) -> dict[str, float]:
+              binary: bool, extracted: dict[str, float] | None = None) -> dict[str, float]:
     from qcgate.predictors.quality import slice_quality_features
 
     groups = sorted({n.split(".", 1)[0] for n in estimator.feature_names} - {"prob", "ens"}) or ["geometry"]
+    mask_features = [n for n in estimator.feature_names if n.split(".", 1)[0] not in ("prob", "ens")]
+    if extracted and groups == ["geometry"] and all(n in extracted for n in mask_features):
+        # The AI mask's geometry was already extracted for tau (same mask, spacing and position map):
+        # only the probability and ensemble metrics are computed here.
+        features = {n: extracted[n] for n in mask_features}
+        features.update(slice_quality_features(probability, ct.pixel_spacing, temperature=temperature,
+                                               members=members if "ens" in estimator.needs() else None,
+                                               groups=(), binary=binary))
+        return features
     uses_image = any(g in groups for g in ("imaging", "texture", "border"))
     image = ct.hu[k].astype(np.float32) if uses_image else None
     return slice_quality_features(probability, ct.pixel_spacing, temperature=temperature,

@@ -131,7 +131,8 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
 
     taus = [float(np.clip(a.tau, 0.0, 1.0)) for a in assessments]
     quality = slice_quality(model, ensemble, references, mean, lesion_slices, ct, taus, settings,
-                            float(model.validation_mae_for(use_uncertainty)))
+                            float(model.validation_mae_for(use_uncertainty)),
+                            extracted=[a.features for a in assessments])
     notes.extend(quality.notes)
     reasons = [n for n in quality.notes if "review" in n]
     domain = domain_problems(ct, model, lung_found) if lesion_slices else []

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -76,6 +76,7 @@ class SliceAssessment:
 
     tau: float  # in [0, 1]; the training mean where the AI mask is empty
     key_features: dict[str, float]  # {} for a ResNet-only model or an empty AI mask
+    features: dict[str, float] = field(default_factory=dict)  # every value extracted for tau (shared with q)
 
 
 @runtime_checkable
@@ -160,8 +161,8 @@ class ThresholdModel:
         feed both the answering Ridge and its explanation (``top`` values by |w_j · z_j|)."""
         from qcgate.predictors.ensemble import assess
 
-        taus, explained = assess(self, list(slices), use_uncertainty=use_uncertainty, top=top)
-        return [SliceAssessment(tau=float(t), key_features=k) for t, k in zip(taus, explained)]
+        taus, explained, extracted = assess(self, list(slices), use_uncertainty=use_uncertainty, top=top)
+        return [SliceAssessment(tau=float(t), key_features=k, features=f) for t, k, f in zip(taus, explained, extracted)]
 
     def key_features(self, slices: Sequence[SliceInput], *, top: int = 5) -> list[dict[str, float]]:
         """Per slice, the ``top`` feature values with the largest |w_j · z_j| in the Ridge (the UM

@@ -43,8 +43,9 @@ def describe(model, *, use_uncertainty: bool) -> str:
     return f"{model.kind}({families}, {label})" if model.kind == "ensemble" else f"{model.kind}({label})"
 
 
-def runtime_features(model, slices, ridge) -> np.ndarray:
-    """Feature matrix for ``ridge`` (its own column order) from the AI mask of every slice."""
+def runtime_features(model, slices, ridge, extracted: list[dict[str, float]] | None = None) -> np.ndarray:
+    """Feature matrix for ``ridge`` (its own column order) from the AI mask of every slice; every
+    value extracted per slice is also appended to ``extracted`` when given (shared with q)."""
     from qcgate.features import extract_slice_features
 
     groups = sorted({name.split(".", 1)[0] for name in ridge.feature_names})
@@ -61,6 +62,8 @@ def runtime_features(model, slices, ridge) -> np.ndarray:
         values: dict[str, float] = {}
         for vector in vectors.values():
             values.update(vector.as_dict())
+        if extracted is not None:
+            extracted.append(values)
         missing = [n for n in ridge.feature_names if n not in values]
         if missing:
             raise InputError(f"model {model.name}: slice {position} lacks features {missing[:5]}")
@@ -97,11 +100,13 @@ def _explain(ridge, x: np.ndarray, top: int) -> list[dict[str, float]]:  # type:
     return explained
 
 
-def assess(model, slices, *, use_uncertainty: bool, top: int = 5) -> tuple[np.ndarray, list[dict[str, float]]]:  # type: ignore[no-untyped-def]
-    """tau and key features per slice from one feature extraction per slice (the Ridge that answers
-    also explains; the ResNet takes image crops, not features). Empty AI mask: training mean, {}."""
+def assess(model, slices, *, use_uncertainty: bool, top: int = 5) -> tuple[np.ndarray, list[dict[str, float]], list[dict[str, float]]]:  # type: ignore[no-untyped-def]
+    """tau, key features and every extracted feature per slice, from one feature extraction per slice
+    (the Ridge that answers also explains; the ResNet takes image crops, not features). Empty AI
+    mask: training mean, {}, {}."""
     tau = np.full(len(slices), model.training_mean_dsc, dtype=np.float64)
     explained: list[dict[str, float]] = [{} for _ in slices]
+    extracted: list[dict[str, float]] = [{} for _ in slices]
     for position, item in enumerate(slices):
         item.validate(position)
     lesion = np.array([bool(s.ai_mask.any()) for s in slices], dtype=bool)
@@ -117,7 +122,10 @@ def assess(model, slices, *, use_uncertainty: bool, top: int = 5) -> tuple[np.nd
 
         def matrix(ridge) -> np.ndarray:  # type: ignore[no-untyped-def]
             if id(ridge) not in features:
-                features[id(ridge)] = runtime_features(model, subset, ridge)
+                values: list[dict[str, float]] = []
+                features[id(ridge)] = runtime_features(model, subset, ridge, values)
+                for i, row in zip(selected, values):
+                    extracted[i].update(row)
             return features[id(ridge)]
 
         estimates = []
@@ -131,7 +139,7 @@ def assess(model, slices, *, use_uncertainty: bool, top: int = 5) -> tuple[np.nd
         if explainer is not None and top > 0:
             for i, values in zip(selected, _explain(explainer, matrix(explainer), top)):
                 explained[i] = values
-    return np.clip(tau, 0.0, 1.0), explained
+    return np.clip(tau, 0.0, 1.0), explained, extracted
 
 
 def predict(model, slices, *, use_uncertainty: bool) -> np.ndarray:  # type: ignore[no-untyped-def]

@@ -286,13 +286,14 @@ def slice_quality_features(probability: np.ndarray, pixel_spacing: tuple[float, 
     probabilities) and ``ens.*`` (two or more members)."""
     from qcgate.features import extract_slice_features
 
-    mask = np.asarray(probability) >= 0.5
-    vectors = extract_slice_features(image_hu, mask, tuple(pixel_spacing), lung_mask=lung_mask,
-                                     position_map=position_map, frame_shape=frame_shape, offset=offset,
-                                     groups=list(groups))
     features: dict[str, float] = {}
-    for vector in vectors.values():
-        features.update(vector.as_dict())
+    if groups:  # none: the mask's features were extracted already (shared with tau)
+        mask = np.asarray(probability) >= 0.5
+        vectors = extract_slice_features(image_hu, mask, tuple(pixel_spacing), lung_mask=lung_mask,
+                                         position_map=position_map, frame_shape=frame_shape, offset=offset,
+                                         groups=list(groups))
+        for vector in vectors.values():
+            features.update(vector.as_dict())
     if not binary:
         cropped = crop_to_support(probability)[0]
         features.update(probability_metrics(cropped, temperature))

@@ -83,9 +83,8 @@ def test_a_job_extracts_features_once_and_writes_outputs_without_reading_them_ba
                         lambda *a, **k: extractions.append(1) or original(*a, **k))
     settings = PipelineSettings(write_uncertainty_map=True)
     result = judge_case(ct, [member, member], settings, load_threshold_model("lidc-geometry"), StageTimer())
-    # once per lesion slice for tau and its key features, once more for the learned q estimator's
-    # geometry (not yet shared with the threshold model's extraction)
-    assert result.slices and len(extractions) == 2 * len(result.slices)
+    # once per lesion slice: tau, its key features and the learned q estimator's geometry share it
+    assert result.slices and len(extractions) == len(result.slices)
 
     prepared: list[int] = []
     prepare = common.source_headers_for_derivation
