@@ -106,6 +106,9 @@ def _positive_int(dataset: Dataset, keyword: str, what: str) -> int:
     return number
 
 
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
 def _non_negative_int(dataset: Dataset, keyword: str, what: str) -> int:
     value = dataset.get(keyword)
     if value in (None, ""):
@@ -157,8 +160,11 @@ def _expected_native_bytes(dataset: Dataset, sop_class: str) -> int:
     stored = _positive_int(dataset, "BitsStored", what)
     high_bit = _non_negative_int(dataset, "HighBit", what)
     representation = _non_negative_int(dataset, "PixelRepresentation", what)
-    if not str(dataset.get("PhotometricInterpretation", "") or "").strip():
+    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
+    if not photometric:
         raise HeaderError(R.MISSING_ATTRIBUTE, f"{what} lacks PhotometricInterpretation")
+    if photometric not in _MONOCHROME:  # CT images and SEGs are grey-scale (PS3.3 C.8.2.1, C.8.20.2)
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"PhotometricInterpretation {R.printable(photometric, 20)!r} is not MONOCHROME1 or MONOCHROME2")
     if stored > bits or high_bit >= bits:
         raise HeaderError(R.INVALID_ATTRIBUTE, f"BitsStored {stored} / HighBit {high_bit} do not fit BitsAllocated {bits}")
     if representation > 1:
