@@ -1222,6 +1222,16 @@ def _drop_postgres_database(name: str) -> None:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _traceback_excerpts(log: str, limit: int = 5) -> list[str]:
+    """The first lines of up to ``limit`` tracebacks in the node's log, with the line before each."""
+    lines = log.splitlines()
+    excerpts = []
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("Traceback") and len(excerpts) < limit:
+            excerpts.append("\n".join(lines[max(0, index - 1):index + 40]))
+    return excerpts
+
+
 def run_harness(args: argparse.Namespace) -> dict[str, Any]:
     """Run every phase (bounded by --time-limit: later phases are skipped when time runs out)."""
     warnings.simplefilter("ignore")  # the fuzzer writes values pydicom warns about, on purpose
@@ -1294,6 +1304,9 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1),
         }
         report["crash_logs"] = gate.crash_logs
+        report["traceback_excerpts"] = _traceback_excerpts(gate._log())
+        if args.keep_log:
+            args.keep_log.write_text(gate._log())
     return report
 
 
@@ -1337,6 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--workers", type=int, default=0, help="pipeline.workers of the node (0: queue jobs only)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds; phases not started by then are skipped")
+    parser.add_argument("--keep-log", type=Path, help="copy the node's log here at the end")
     parser.add_argument("--only", help="comma-separated phases to run (default: all)")
     parser.add_argument("--json", type=Path, help="also write the full report here")
     args = parser.parse_args(argv)
