@@ -14,6 +14,7 @@ Both receivers write to the same filesystem; qcgate runs with durability on (fsy
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -55,13 +56,15 @@ def start_storescp(port: int, out: Path) -> subprocess.Popen[bytes]:
     return process
 
 
-def start_gate(port: int, data_dir: Path, log: Path, fsync: bool = True) -> subprocess.Popen[bytes]:
+def start_gate(port: int, data_dir: Path, log: Path, fsync: bool = True, tree: Path = REPO) -> subprocess.Popen[bytes]:
+    """``qcgate serve`` from the source tree ``tree`` (another checkout: a before/after comparison)."""
     handle = open(log, "wb")
     config = log.with_suffix(".toml")
     config.write_text(f"[storage]\ndata_dir = \"{data_dir}\"\nfsync = {'true' if fsync else 'false'}\n"
                       f"[node]\nport = {port}\n[assembly]\nstable_seconds = 600\n[pipeline]\nworkers = 0\n")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     process = subprocess.Popen([sys.executable, "-m", "qcgate.cli", "serve", "--config", str(config)],
-                               stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+                               stdout=handle, stderr=subprocess.STDOUT, cwd=tree, env=env)
     deadline = time.monotonic() + 60
     while f"listening on 127.0.0.1:{port}".encode() not in log.read_bytes():
         if time.monotonic() > deadline or process.poll() is not None:
@@ -97,7 +100,9 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--senders", type=int, default=4)
-    parser.add_argument("--big-frames", type=int, default=1000)
+    parser.add_argument("--big-frames", type=int, default=1000, help="0: skip the large-instance memory check")
+    parser.add_argument("--baseline-tree", type=Path, help="also run qcgate from this checkout (e.g. a worktree of the commit before)")
+    parser.add_argument("--skip-nofsync", action="store_true", help="do not run qcgate with storage.fsync = false")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="qcgate-bench-", dir=REPO / "..") as tmp:
@@ -109,7 +114,12 @@ def main() -> None:
         # Four receivers, interleaved per repeat so machine noise hits them alike:
         # storescp (the reference), pynetdicom with a null handler (the library's floor),
         # qcgate without fsync, and qcgate as deployed (durable).
-        times: dict[str, list[float]] = {"storescp": [], "pynetdicom-null": [], "qcgate-nofsync": [], "qcgate": []}
+        gates = [("qcgate", True, REPO)]
+        if not args.skip_nofsync:
+            gates.insert(0, ("qcgate-nofsync", False, REPO))
+        if args.baseline_tree:
+            gates.insert(0, ("qcgate-baseline", True, args.baseline_tree.resolve()))
+        times: dict[str, list[float]] = {"storescp": [], "pynetdicom-null": [], **{label: [] for label, _, _ in gates}}
         for repeat in range(args.repeats):
             port = free_port()
             scp = start_storescp(port, work / f"scp{repeat}")
@@ -124,9 +134,9 @@ def main() -> None:
                 times["pynetdicom-null"].append(send(port, files, "NULLSCP"))
             finally:
                 stop(null)
-            for label, fsync in (("qcgate-nofsync", False), ("qcgate", True)):
+            for label, fsync, tree in gates:
                 port = free_port()
-                gate = start_gate(port, work / f"{label}{repeat}", work / f"{label}{repeat}.log", fsync=fsync)
+                gate = start_gate(port, work / f"{label}{repeat}", work / f"{label}{repeat}.log", fsync=fsync, tree=tree)
                 try:
                     times[label].append(send(port, files, "QCGATE"))
                 finally:
@@ -141,22 +151,25 @@ def main() -> None:
 
         # Concurrent senders, each with its own series.
         series = [files] + [write_series(work / f"series{i}", max(args.slices // 4, 10), i, f"BENCH{i}") for i in range(1, args.senders)]
-        port = free_port()
-        data_dir = work / "gate-concurrent"
-        gate = start_gate(port, data_dir, work / "gate-concurrent.log")
-        try:
+        for label, _, tree in [g for g in gates if g[1]]:
+          port = free_port()
+          data_dir = work / f"{label}-concurrent"
+          gate = start_gate(port, data_dir, work / f"{label}-concurrent.log", tree=tree)
+          try:
             start = time.perf_counter()
             senders = [subprocess.Popen(["storescu", "-R", "-aec", "QCGATE", "127.0.0.1", str(port), *map(str, s)],
                                         env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in series]
             codes = [p.wait() for p in senders]
             elapsed = time.perf_counter() - start
-        finally:
+          finally:
             stop(gate)
-        sent = sum(len(s) for s in series)
-        total_mb = sum(p.stat().st_size for s in series for p in s) / 1e6
-        stored = count_rows(data_dir)
-        print(f"{args.senders} concurrent senders: {sent} instances, {total_mb:.0f} MB in {elapsed:.2f} s "
-              f"= {total_mb / elapsed:.0f} MB/s; storescu exit codes {codes}; stored {stored}; lost {sent - stored}")
+          sent = sum(len(s) for s in series)
+          total_mb = sum(p.stat().st_size for s in series for p in s) / 1e6
+          stored = count_rows(data_dir)
+          print(f"{label}: {args.senders} concurrent senders: {sent} instances, {total_mb:.0f} MB in {elapsed:.2f} s "
+                f"= {total_mb / elapsed:.0f} MB/s; storescu exit codes {codes}; stored {stored}; lost {sent - stored}")
+        if args.big_frames <= 0:
+            return
 
         # Peak memory while receiving one large instance.
         from qcgate.phantom.dicom_export import write_seg

@@ -3,7 +3,8 @@ acknowledged is lost and that the node never crashes.
 
     .venv/bin/python bench/harness.py [--seed 1] [--senders 4] [--instances 20] [--kill-rounds 3]
         [--size 64] [--fuzz 40] [--pydicom-files 12] [--outputs 12] [--backend sqlite|postgresql]
-        [--workers 0] [--time-limit 600] [--json REPORT.json]
+        [--mutations 1000] [--check-sample 300] [--aborts 20] [--idle-sockets 200] [--slow-drip 20]
+        [--tls-silent 20] [--workers 0] [--time-limit 600] [--only PHASE,...] [--json REPORT.json]
 
 Phases, in order, against one data directory and database (every number is seeded by --seed):
 
@@ -23,12 +24,30 @@ Phases, in order, against one data directory and database (every number is seede
 6. bad input: pydicom's malformed test files, a seeded sample of its other test files, and
    --fuzz mutations of a valid SYNTHETIC CT (truncation, wrong VRs, wrong lengths, missing UIDs,
    huge values, byte flips), each sent raw with pynetdicom; every Success must be stored.
+7. defects (issue 15): NUL and over-long UIDs (data set, request, SEG references), truncated,
+   missing and over-long pixel data, Rows 0, PixelSpacing 0, a non-numeric position, data sets
+   encoded unlike the negotiated transfer syntax: each must get a permanent refusal (0xA900 /
+   0xC000), never Success or 0xA700. Then --aborts transfers cut mid-data-set by A-ABORT:
+   nothing may stay in spool/.incoming.
+8. fuzz: --mutations mutated data sets, alternately from a valid SYNTHETIC CT and SEG (bit flips,
+   element deletions at any depth, VR and length corruption, UID mutations: NUL, over-long, bad
+   characters, duplicates; pixel-size mismatches, truncation), sent over reused associations.
+   Counted: node crashes, `Traceback` lines in the node's log, 0xA700 answers (every payload is a
+   data defect or valid: must be 0), and acknowledged instances that cannot be processed (each
+   acknowledged one, up to --check-sample, is re-read from the spool: the ingest checks and a full
+   pixel decode to Rows x Columns x frames).
+9. abuse_sockets: --idle-sockets idle TCP connections and --slow-drip peers sending an
+   A-ASSOCIATE-RQ a byte at a time while a legitimate C-ECHO must answer within 1 s; then the node
+   restarts with TLS and the same with --tls-silent silent peers and a partial ClientHello.
+
+Exit status 0 when loss, crashes, tracebacks, A700 for data defects and unprocessable
+acknowledged instances are all zero.
 
 The node runs with pipeline.workers = 0 by default (it assembles cases and queues their QC jobs
 but does not run them): the jobs' CPU time would dominate a 2-core machine and the harness is
 about ingest, restarts and delivery. --workers N runs them too.
 
-Only 127.0.0.1 is used. Exit status 0 when loss and crashes are both zero.
+Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
@@ -77,6 +96,7 @@ MALFORMED_PYDICOM = [
     ("no_meta.dcm", IMPLICIT_VR_LE), ("ExplVR_BigEndNoMeta.dcm", EXPLICIT_VR_LE), ("meta_missing_tsyntax.dcm", IMPLICIT_VR_LE),
     ("no_meta_group_length.dcm", IMPLICIT_VR_LE), ("UN_sequence.dcm", EXPLICIT_VR_LE), ("empty_charset_LEI.dcm", IMPLICIT_VR_LE),
 ]
+REQUEST_DEADLINE_SECONDS = 2.0  # node.association_request_timeout_seconds in the harness
 _LONG_LENGTH_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"}
 
 
@@ -96,6 +116,7 @@ class GateProcess:
     crashes: int = 0
     crash_logs: list[str] = field(default_factory=list)
     starts: int = 0
+    tls: tuple[Path, Path] | None = None  # (key, certificate) when the node must run with TLS
 
     @property
     def data_dir(self) -> Path:
@@ -111,6 +132,7 @@ class GateProcess:
         config.write_text(
             "# qcgate harness configuration (loopback only)\n"
             f'[node]\nhost = "127.0.0.1"\nport = {self.port}\nae_title = "QCGATE"\nmax_associations = 32\nnetwork_timeout_seconds = 20\n'
+            f"association_request_timeout_seconds = {REQUEST_DEADLINE_SECONDS}\nmax_pending_connections = 16\n"
             f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = {min_free_mb!r}\n'
             f'[database]\nurl = "{self.database_url}"\n'
             "[assembly]\nstable_seconds = 1.0\npoll_interval_seconds = 0.2\nincomplete_timeout_seconds = 60\n"
@@ -118,7 +140,9 @@ class GateProcess:
             f"[delivery]\ndestinations = {destinations}\nmax_attempts = 1000\nbackoff_base_seconds = 0.2\n"
             "backoff_max_seconds = 1.0\nconnect_timeout_seconds = 3\npoll_interval_seconds = 0.2\n"
             f'[observability]\nhost = "127.0.0.1"\nport = {self.http_port}\n'
-            '[logging]\nlevel = "INFO"\n', encoding="utf-8")
+            '[logging]\nlevel = "INFO"\n'
+            + (f'[node.tls]\nenabled = true\ncert_file = "{self.tls[1]}"\nkey_file = "{self.tls[0]}"\n' if self.tls else ""),
+            encoding="utf-8")
         return config
 
     def start(self, min_free_mb: float = 1.0, timeout: float = 90) -> None:
@@ -139,6 +163,10 @@ class GateProcess:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"qcgate serve did not listen within {timeout}s")
+
+    def tracebacks(self) -> int:
+        """How many tracebacks the node has logged so far (over every start)."""
+        return sum(1 for line in self._log().splitlines() if line.lstrip().startswith("Traceback"))
 
     def _log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -652,6 +680,529 @@ def settle_qc_outputs(gate: GateProcess, destination: FlappingDestination, deadl
             "never_delivered": sum(1 for u in outputs if received[u] == 0)}
 
 
+# --------------------------------------------------------------------------- abuse (issue 15)
+
+def _timed_echo(port: int, tls_args: Any = None) -> float | None:
+    """Seconds for associate + C-ECHO + release, or None when the echo was not answered."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="GOODPEER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    started = time.monotonic()
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="QCGATE", tls_args=tls_args)
+        if not assoc.is_established:
+            return None
+        status = assoc.send_c_echo()
+        elapsed = time.monotonic() - started
+        assoc.release()
+    except Exception:
+        return None
+    return elapsed if status is not None and status.get("Status") == 0 else None
+
+
+def _open_idle(port: int, count: int) -> list[Any]:
+    import socket
+
+    sockets = []
+    for _ in range(count):
+        try:
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            break
+    return sockets
+
+
+class _SlowDrip(threading.Thread):
+    """Peers that send an A-ASSOCIATE-RQ one byte per interval."""
+
+    def __init__(self, port: int, count: int, interval: float = 0.3) -> None:
+        super().__init__(daemon=True)
+        self.sockets = _open_idle(port, count)
+        self.interval = interval
+        self.stop = threading.Event()
+        self.closed_by_node = 0
+
+    def run(self) -> None:
+        import struct
+
+        payload = b"\x01\x00" + struct.pack(">L", 200) + b"\x00" * 200
+        index = 0
+        while not self.stop.wait(self.interval) and self.sockets:
+            for sock in list(self.sockets):
+                try:
+                    sock.send(payload[index % len(payload): index % len(payload) + 1])
+                except OSError:
+                    self.sockets.remove(sock)
+                    self.closed_by_node += 1
+            index += 1
+
+
+def _closed_by_node(sock: Any, timeout: float) -> bool:
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:
+        return False
+
+
+def _echo_under_siege(port: int, idle: int, drip: int, echoes: int, tls_args: Any = None, partial_hello: bool = False) -> dict[str, Any]:
+    import socket
+
+    threads_before = _threads(port)
+    sockets = _open_idle(port, idle)
+    dripper = _SlowDrip(port, drip) if drip else None
+    partial = None
+    if partial_hello:
+        partial = socket.create_connection(("127.0.0.1", port))
+        partial.send(bytes.fromhex("160301"))  # the start of a TLS record header, then nothing
+    if dripper:
+        dripper.start()
+    try:
+        time.sleep(0.5)
+        timings = [_timed_echo(port, tls_args) for _ in range(echoes)]
+        threads_during = _threads(port)
+        time.sleep(REQUEST_DEADLINE_SECONDS + 1.0)  # past the node's deadline every pending connection is closed
+        after = _timed_echo(port, tls_args)
+        closed = sum(1 for sock in sockets[-16:] if _closed_by_node(sock, 0.5))
+        partial_closed = _closed_by_node(partial, 2.0) if partial is not None else None
+    finally:
+        if dripper:
+            dripper.stop.set()
+            dripper.join(timeout=5)
+        for sock in [*sockets, *(dripper.sockets if dripper else []), *([partial] if partial else [])]:
+            sock.close()
+    answered = [t for t in timings if t is not None]
+    return {"idle_sockets": len(sockets), "slow_drip": drip, "echoes": echoes,
+            "echoes_within_1s": sum(1 for t in answered if t < 1.0), "echo_max_seconds": round(max(answered), 3) if answered else None,
+            "echo_after_deadline_seconds": round(after, 3) if after is not None else None,
+            "idle_closed_by_node_of_last_16": closed, "partial_hello_closed": partial_closed,
+            "threads_before": threads_before, "threads_during": threads_during}
+
+
+_NODE_PID: dict[int, int] = {}  # port -> pid of the node listening there (for thread counts)
+
+
+def _threads(port: int) -> int | None:
+    pid = _NODE_PID.get(port)
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except (OSError, TypeError):
+        pass
+    return None
+
+
+def phase_abuse_sockets(gate: GateProcess, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """200 idle sockets and 20 slow-drip peers while a legitimate C-ECHO must answer within 1 s;
+    then the same with TLS on, with silent peers and a partial ClientHello."""
+    import ssl
+
+    assert gate.process is not None
+    _NODE_PID[gate.port] = gate.process.pid
+    tracebacks_before = gate.tracebacks()
+    plain = _echo_under_siege(gate.port, args.idle_sockets, args.slow_drip, 5)
+    gate.check_alive()
+    key, cert = workdir / "tls" / "server.key", workdir / "tls" / "server.crt"
+    key.parent.mkdir(exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=harness",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    gate.stop()
+    gate.tls = (key, cert)
+    try:
+        gate.start()
+        _NODE_PID[gate.port] = gate.process.pid
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        tls = _echo_under_siege(gate.port, args.tls_silent, 0, 3, (context, "127.0.0.1"), partial_hello=True)
+        gate.check_alive()
+    finally:
+        gate.stop()
+        gate.tls = None
+        gate.start()
+    alive = gate.check_alive() and gate.echo()
+    return {"plain": plain, "tls": tls, "node_alive": alive, "tracebacks": gate.tracebacks() - tracebacks_before}
+
+
+# --------------------------------------------------------------------------- raw C-STORE client
+
+JPEG2000 = "1.2.840.10008.1.2.4.90"
+
+
+class RawSender:
+    """Sends data sets byte for byte over one association (re-associating when the node ends it)."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        from pynetdicom import _config
+
+        self.port = port
+        self.path = workdir / "raw-payload.dcm"
+        self.assoc: Any = None
+        self.associations = 0
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        _config.VALIDATORS["UI"] = lambda value: (True, "")  # so over-long and NUL UIDs can be requested
+
+    def _associate(self) -> Any:
+        from pynetdicom import AE
+
+        from qcgate.core.dicom import CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
+
+        ae = AE(ae_title="FUZZER")
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
+        for sop_class in (CT_IMAGE_STORAGE, SEGMENTATION_STORAGE):
+            for syntax in (EXPLICIT_VR_LE, IMPLICIT_VR_LE, JPEG2000):
+                ae.add_requested_context(sop_class, syntax)
+        # one context per (class, syntax) pair: pynetdicom picks the one matching the file's meta
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="QCGATE")
+        self.associations += 1
+        return assoc if assoc.is_established else None
+
+    def send(self, payload: bytes, sop_class: str, sop_instance: str, syntax: str) -> int | None:
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.filewriter import write_file_meta_info
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_instance
+        meta.TransferSyntaxUID = syntax
+        buffer = io.BytesIO()
+        buffer.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(buffer, meta, enforce_standard=False)
+        self.path.write_bytes(buffer.getvalue() + payload)
+        if self.assoc is None or not self.assoc.is_established:
+            self.assoc = self._associate()
+            if self.assoc is None:
+                raise ConnectionError("association refused")
+        status = self.assoc.send_c_store(self.path)
+        if status is None or "Status" not in status:
+            self.close()
+            return None
+        return int(status.Status)
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+        self.assoc = None
+
+
+def _send_and_tally(gate: GateProcess, sender: RawSender, payloads: list[tuple[str, bytes, str, str, str]]) -> dict[str, Any]:
+    """Send (label, bytes, SOP class, requested UID, syntax) one by one; tally the answers."""
+    statuses: Counter[str] = Counter()
+    by_kind: dict[str, Counter[str]] = {}
+    acknowledged: dict[str, str] = {}
+    for label, data, sop_class, uid, syntax in payloads:
+        try:
+            status = sender.send(data, sop_class, uid, syntax)
+        except Exception as exc:  # association refused or dropped: recorded, then the node is checked
+            status = None
+            sender.close()
+            label = f"{label} ({type(exc).__name__})"
+        text = "none" if status is None else f"0x{status:04X}"
+        statuses[text] += 1
+        by_kind.setdefault(label.split(" ")[0], Counter())[text] += 1
+        if status == 0x0000:
+            acknowledged[uid] = label
+        if not gate.check_alive():
+            statuses["node-restarted"] += 1
+    sender.close()
+    return {"statuses": statuses, "by_kind": by_kind, "acknowledged": acknowledged}
+
+
+def check_processable(gate: GateProcess, uids: list[str]) -> list[str]:
+    """The acknowledged instances among ``uids`` that could not be processed: the stored file must
+    pass the node's ingest checks again and its pixel data must decode to Rows x Columns (x frames)."""
+    from qcgate.node.dicom_header import HeaderError, read_header
+
+    rows = gate.stored()
+    bad = []
+    for uid in uids:
+        row = rows.get(uid)
+        if row is None:
+            bad.append(f"{uid[:80]}: no row")
+            continue
+        path = gate.data_dir / "spool" / row[0]
+        try:
+            read_header(path)
+            dataset = pydicom.dcmread(path)
+            pixels = dataset.pixel_array
+            frames = int(dataset.get("NumberOfFrames", 1) or 1)
+            expected = (int(dataset.Rows), int(dataset.Columns)) if frames == 1 else (frames, int(dataset.Rows), int(dataset.Columns))
+            if tuple(pixels.shape) != expected:
+                bad.append(f"{uid[:80]}: pixels {pixels.shape} != {expected}")
+        except HeaderError as exc:
+            bad.append(f"{uid[:80]}: ingest check: {exc}")
+        except Exception as exc:
+            bad.append(f"{uid[:80]}: {type(exc).__name__}: {str(exc)[:200]}")
+    return bad
+
+
+# --------------------------------------------------------------------------- named defects (issue 15)
+
+def _variant(base: pydicom.Dataset, **changes: Any) -> pydicom.Dataset:
+    dataset = copy.deepcopy(base)
+    dataset.SOPInstanceUID = generate_uid()
+    for keyword, value in changes.items():
+        if value is None:
+            if keyword in dataset:
+                delattr(dataset, keyword)
+        else:
+            setattr(dataset, keyword, value)
+    return dataset
+
+
+def _encode(dataset: pydicom.Dataset, implicit: bool = False) -> bytes:
+    dataset = copy.copy(dataset)
+    if hasattr(dataset, "file_meta"):
+        del dataset.file_meta
+    dataset.preamble = None
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+def defect_payloads(ct: pydicom.Dataset, seg: pydicom.Dataset) -> list[tuple[str, bytes, str, str, str]]:
+    """The findings of issue 15 as named payloads: (label, bytes, SOP class, requested UID, syntax).
+    Each must get a permanent refusal (0xA900 / 0xC000 family), never Success or 0xA700."""
+    from qcgate.core.dicom import CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
+
+    nul, long_uid = "1.2.3.4\x005", "1.2." + "3" * 70
+    out: list[tuple[str, bytes, str, str, str]] = []
+
+    def add(label: str, dataset: pydicom.Dataset, request_uid: str | None = None, syntax: str = EXPLICIT_VR_LE,
+            data: bytes | None = None) -> None:
+        sop_class = SEGMENTATION_STORAGE if str(dataset.get("SOPClassUID", "")) == SEGMENTATION_STORAGE else CT_IMAGE_STORAGE
+        out.append((label, data if data is not None else _encode(dataset), sop_class, request_uid or str(dataset.SOPInstanceUID), syntax))
+
+    add("nul-sop-uid", (d := _variant(ct, SOPInstanceUID=nul)), nul)
+    add("nul-study-uid", _variant(ct, StudyInstanceUID=nul))
+    add("nul-series-uid", _variant(ct, SeriesInstanceUID=nul))
+    add("long-study-uid", _variant(ct, StudyInstanceUID=long_uid))
+    add("long-series-uid", _variant(ct, SeriesInstanceUID=long_uid))
+    add("long-request-uid", _variant(ct, SOPInstanceUID=long_uid), long_uid)
+    add("bad-chars-uid", _variant(ct, SeriesInstanceUID="1.2.abc.3"))
+    seg_long_ref = _variant(seg)
+    for item in seg_long_ref.ReferencedSeriesSequence[0].ReferencedInstanceSequence[:1]:
+        item.ReferencedSOPInstanceUID = long_uid
+    add("seg-long-referenced-uid", seg_long_ref)
+    seg_nul_ref = _variant(seg)
+    seg_nul_ref.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID = nul
+    add("seg-nul-referenced-uid", seg_nul_ref)
+    add("ct-truncated-pixels", _variant(ct, PixelData=b"\x00" * 1000))
+    add("ct-no-pixel-data", _variant(ct, PixelData=None))
+    add("ct-rows-0", _variant(ct, Rows=0))
+    add("ct-pixel-spacing-0", _variant(ct, PixelSpacing=[0, 0.5]))
+    ipp = _variant(ct, ImagePositionPatient=["-158", "179", "75"])
+    encoded = _encode(ipp)
+    add("ct-position-text", ipp, data=encoded.replace(b"-158\\179\\75", b"-158\\abc\\75"))
+    whole = _variant(ct)
+    add("ct-explicit-on-implicit", whole, syntax=IMPLICIT_VR_LE)
+    add("ct-native-on-jpeg2000", _variant(ct), syntax=JPEG2000)
+    truncated_stream = _variant(ct)
+    add("ct-stream-cut-in-pixels", truncated_stream, data=_encode(truncated_stream)[:-1000])
+    add("seg-no-pixel-data", _variant(seg, PixelData=None))
+    add("seg-100000-frames", _variant(seg, NumberOfFrames=100000))
+    add("seg-truncated-pixels", _variant(seg, PixelData=bytes(seg.PixelData)[: max(1, len(seg.PixelData) // 3)]))
+    add("seg-explicit-on-implicit", _variant(seg), syntax=IMPLICIT_VR_LE)
+    del d
+    return out
+
+
+def _store_and_abort(port: int, payload: bytes, sop_uid: str) -> None:
+    """Send the command and the first half of a C-STORE's fragments, then A-ABORT."""
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    from qcgate.core.dicom import CT_IMAGE_STORAGE
+
+    ae = AE(ae_title="ABORTER")
+    ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCGATE")
+    if not assoc.is_established:
+        return
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    request.AffectedSOPInstanceUID = sop_uid
+    request.Priority = 2
+    request.DataSet = io.BytesIO(payload)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    primitives = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16384))
+    for primitive in primitives[: len(primitives) // 2]:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        assoc.dul.socket.socket.sendall(pdu.encode())
+    time.sleep(0.1)
+    assoc.abort()
+
+
+def _valid_bases(workdir: Path, size: int) -> tuple[pydicom.Dataset, pydicom.Dataset]:
+    """A valid SYNTHETIC CT and its SEG for the defect and fuzz phases (their own study and series)."""
+    ct_files, seg_file = write_synthetic_case(workdir / "fuzz-base", n_slices=2, size=size, seed=4242, patient_id="SYNTHFUZZ")
+    return pydicom.dcmread(ct_files[0]), pydicom.dcmread(seg_file)
+
+
+def phase_defects(gate: GateProcess, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    ct, seg = _valid_bases(workdir, 64)
+    tracebacks_before = gate.tracebacks()
+    payloads = defect_payloads(ct, seg)
+    tally = _send_and_tally(gate, RawSender(gate.port, workdir), payloads)
+    by_kind = {label: dict(counts) for label, counts in tally["by_kind"].items()}
+    permanent = sum(1 for counts in by_kind.values() for status in counts if status[:4] in ("0xA9", "0xC0", "0x01"))
+    # aborted transfers: nothing may stay in spool/.incoming once their associations have ended
+    big = _encode(_valid_bases(workdir / "big", 512)[0])
+    for index in range(args.aborts):
+        _store_and_abort(gate.port, big, generate_uid())
+    incoming = gate.data_dir / "spool" / ".incoming"
+    deadline = time.monotonic() + 10
+    while any(incoming.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftovers = len(list(incoming.iterdir()))
+    echo = _timed_echo(gate.port)
+    return {"payloads": len(payloads), "by_defect": by_kind, "permanent_refusals": permanent,
+            "acknowledged_defects": sorted(l for l, c in by_kind.items() if "0x0000" in c),
+            "a700_for_defects": sum(c.get("0xA700", 0) for c in by_kind.values()),
+            "no_answer": sum(c.get("none", 0) for c in by_kind.values()),
+            "aborted_transfers": args.aborts, "incoming_leftovers": leftovers,
+            "echo_seconds_after": round(echo, 3) if echo is not None else None,
+            "tracebacks": gate.tracebacks() - tracebacks_before, "node_alive": gate.check_alive()}
+
+
+# --------------------------------------------------------------------------- mutation fuzzer
+
+_UID_MUTATIONS = ["nul", "long", "chars", "empty", "double-dot", "leading-zero", "trailing-space", "exact-64", "duplicate"]
+
+
+def _all_elements(dataset: pydicom.Dataset) -> list[tuple[pydicom.Dataset, Any]]:
+    """(parent data set, element) for every element, nested ones included."""
+    found = []
+    for element in dataset:
+        found.append((dataset, element))
+        if element.VR == "SQ":
+            for item in element.value:
+                found += _all_elements(item)
+    return found
+
+
+def _mutate_uid(value: str, how: str, other: str, rng: random.Random) -> str:
+    if how == "nul":
+        cut = rng.randrange(len(value) + 1)
+        return value[:cut] + "\x00" + value[cut:]
+    if how == "long":
+        return value + "." + "9" * rng.randint(65 - len(value), 200)
+    if how == "chars":
+        return value[:-2] + rng.choice(["ab", "x ", "-1", "\xe9", "\\2", "*"])
+    if how == "empty":
+        return ""
+    if how == "double-dot":
+        return value.replace(".", "..", 1)
+    if how == "leading-zero":
+        return value + ".012"
+    if how == "trailing-space":
+        return value + " "
+    if how == "exact-64":
+        return (value + "." + "1" * 64)[:64].rstrip(".") if len(value) < 62 else value
+    return other  # duplicate: another UID of the data set
+
+
+def mutate(base: pydicom.Dataset, rng: random.Random) -> tuple[str, bytes, str]:
+    """One mutation of ``base``: (kind, bytes without meta, SOP Instance UID to request)."""
+    dataset = copy.deepcopy(base)
+    uid = generate_uid()
+    dataset.SOPInstanceUID = uid
+    kind = rng.choice(["bit-flip", "bit-flip", "delete-element", "delete-element", "vr", "length", "uid", "uid",
+                       "pixel-size", "truncate"])
+    request_uid = uid
+    if kind == "delete-element":
+        for _ in range(rng.randint(1, 3)):
+            parent, element = rng.choice(_all_elements(dataset))
+            if element.tag in parent:
+                del parent[element.tag]
+    elif kind == "uid":
+        candidates = [(parent, element) for parent, element in _all_elements(dataset) if element.VR == "UI" and element.value]
+        parent, element = rng.choice(candidates)
+        how = rng.choice(_UID_MUTATIONS)
+        other = str(rng.choice(candidates)[1].value)
+        element.value = _mutate_uid(str(element.value), how, other, rng)
+        kind = f"uid-{how}"
+        if element.keyword == "SOPInstanceUID" and rng.random() < 0.5:
+            request_uid = str(element.value)  # the request names the mutated UID too
+    elif kind == "pixel-size":
+        choice = rng.choice(["rows", "columns", "bits", "frames", "cut", "pad"])
+        if choice == "rows":
+            dataset.Rows = rng.choice([0, 1, int(dataset.Rows) + 1, 65535])
+        elif choice == "columns":
+            dataset.Columns = rng.choice([0, int(dataset.Columns) * 2])
+        elif choice == "bits":
+            dataset.BitsAllocated = rng.choice([0, 1, 8, 32, 64])
+        elif choice == "frames":
+            dataset.NumberOfFrames = rng.choice([0, 2, 1000, 2**31 - 1])
+        elif choice == "cut":
+            dataset.PixelData = bytes(dataset.PixelData)[: rng.randrange(max(1, len(dataset.PixelData)))]
+        else:
+            dataset.PixelData = bytes(dataset.PixelData) + b"\x00" * rng.choice([1, 2, 1024])
+        kind = f"pixel-{choice}"
+    data = bytearray(_encode(dataset))
+    elements = _top_level_elements(bytes(data))
+    if kind == "bit-flip":
+        # half the flips land in the header (before the pixel data), where they change meaning
+        header_end = next((o for o, h, _ in elements if data[o:o + 4] == b"\xe0\x7f\x10\x00"), len(data))
+        for _ in range(rng.randint(1, 8)):
+            limit = header_end if rng.random() < 0.7 else len(data)
+            position = rng.randrange(max(1, limit))
+            data[position] ^= 1 << rng.randrange(8)
+    elif kind == "vr" and elements:
+        offset, _, _ = rng.choice(elements)
+        data[offset + 4:offset + 6] = rng.choice([b"UN", b"SQ", b"OB", b"US", b"FD", b"UI", b"XX", b"\x00\x00"])
+    elif kind == "length" and elements:
+        offset, header, _ = rng.choice(elements)
+        value = rng.choice([0, 1, 3, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, rng.randint(0, 1 << 20)])
+        if header == 12:
+            data[offset + 8:offset + 12] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+        else:
+            data[offset + 6:offset + 8] = (value & 0xFFFF).to_bytes(2, "little")
+    elif kind == "truncate":
+        data = data[:rng.randint(0, max(1, len(data) - 1))]
+    return kind, bytes(data), request_uid
+
+
+def phase_fuzz(gate: GateProcess, args: argparse.Namespace, workdir: Path, rng: random.Random) -> dict[str, Any]:
+    """--mutations mutated data sets, half from a valid CT and half from a valid SEG."""
+    from qcgate.core.dicom import CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
+
+    ct, seg = _valid_bases(workdir, 32)
+    tracebacks_before, crashes_before = gate.tracebacks(), gate.crashes
+    payloads = []
+    for index in range(args.mutations):
+        base, sop_class, name = (ct, CT_IMAGE_STORAGE, "ct") if index % 2 == 0 else (seg, SEGMENTATION_STORAGE, "seg")
+        kind, data, uid = mutate(base, rng)
+        payloads.append((f"{name}:{kind}", data, sop_class, uid, EXPLICIT_VR_LE))
+    started = time.perf_counter()
+    tally = _send_and_tally(gate, RawSender(gate.port, workdir), payloads)
+    seconds = time.perf_counter() - started
+    acknowledged = list(tally["acknowledged"])
+    sample = sorted(acknowledged) if len(acknowledged) <= args.check_sample else random.Random(args.seed).sample(sorted(acknowledged), args.check_sample)
+    unprocessable = check_processable(gate, sample)
+    stored, lost = check_stored(gate, set(acknowledged))
+    statuses = tally["statuses"]
+    by_kind = {label: dict(counts) for label, counts in sorted(tally["by_kind"].items())}
+    return {"mutations": len(payloads), "seconds": round(seconds, 1), "statuses": dict(statuses), "by_kind": by_kind,
+            "acknowledged": len(acknowledged), "stored_of_acknowledged": stored, "lost": len(lost),
+            "a700": statuses.get("0xA700", 0), "c211_handler_raised": statuses.get("0xC211", 0), "no_answer": statuses.get("none", 0),
+            "checked_for_processing": len(sample), "unprocessable_acknowledged": len(unprocessable),
+            "unprocessable_examples": unprocessable[:10],
+            "node_crashes": gate.crashes - crashes_before, "tracebacks": gate.tracebacks() - tracebacks_before,
+            "node_answers_echo": gate.echo()}
+
+
 # --------------------------------------------------------------------------- main
 
 def _create_postgres_database() -> tuple[str, str]:
@@ -669,6 +1220,16 @@ def _drop_postgres_database(name: str) -> None:
 
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _traceback_excerpts(log: str, limit: int = 5) -> list[str]:
+    """The first lines of up to ``limit`` tracebacks in the node's log, with the line before each."""
+    lines = log.splitlines()
+    excerpts = []
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("Traceback") and len(excerpts) < limit:
+            excerpts.append("\n".join(lines[max(0, index - 1):index + 40]))
+    return excerpts
 
 
 def run_harness(args: argparse.Namespace) -> dict[str, Any]:
@@ -702,8 +1263,14 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
             phases += [
                 ("flapping_destination", lambda: phase_flapping_destination(gate, args, workdir, rng, destination, deadline)),
                 ("bad_input", lambda: phase_bad_input(gate, args, workdir, rng)),
+                ("defects", lambda: phase_defects(gate, args, workdir)),
+                ("fuzz", lambda: phase_fuzz(gate, args, workdir, random.Random(args.seed + 500))),
+                ("abuse_sockets", lambda: phase_abuse_sockets(gate, args, workdir)),
             ]
+            only = set(args.only.split(",")) if getattr(args, "only", None) else None
             for name, phase in phases:
+                if only is not None and name not in only:
+                    continue
                 if time.monotonic() > deadline:
                     report["skipped"].append(name)
                     continue
@@ -729,11 +1296,20 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
             "lost": sum(p.get("lost", 0) for p in phases_done),
             "node_crashes": gate.crashes,
             "node_starts": gate.starts,
+            # in the abuse, defect and fuzz phases (what the goal counts); the whole log's count is
+            # next: pynetdicom also logs a traceback when the flapping destination resets a delivery
+            "tracebacks": sum(report["phases"].get(p, {}).get("tracebacks", 0) for p in ("defects", "fuzz", "abuse_sockets")),
+            "tracebacks_whole_log": gate.tracebacks(),
+            "a700_for_data_defects": sum(report["phases"].get(p, {}).get(k, 0) for p, k in (("defects", "a700_for_defects"), ("fuzz", "a700"))),
+            "unprocessable_acknowledged": report["phases"].get("fuzz", {}).get("unprocessable_acknowledged", 0),
             "cases_by_state": dict(cases),
             "outputs_delivered_once": report["phases"].get("flapping_destination", {}).get("delivered_once"),
             "seconds": round(time.perf_counter() - started, 1),
         }
         report["crash_logs"] = gate.crash_logs
+        report["traceback_excerpts"] = _traceback_excerpts(gate._log())
+        if args.keep_log:
+            args.keep_log.write_text(gate._log())
     return report
 
 
@@ -741,9 +1317,10 @@ def print_summary(report: dict[str, Any]) -> None:
     totals = report["totals"]
     print(f"\nqcgate harness, seed {report['seed']}, {report['backend']}, pipeline.workers = {report['workers']}: "
           f"{totals['acknowledged']} instances acknowledged, {totals['lost']} lost, {totals['node_crashes']} node crashes, "
-          f"{totals['node_starts']} starts, {totals['seconds']} s")
+          f"{totals['node_starts']} starts, {totals['tracebacks']} tracebacks in abuse/defects/fuzz ({totals['tracebacks_whole_log']} in the whole log), {totals['a700_for_data_defects']} A700 for data defects, "
+          f"{totals['unprocessable_acknowledged']} unprocessable acknowledged, {totals['seconds']} s")
     for name, phase in report["phases"].items():
-        brief = {k: v for k, v in phase.items() if k not in ("lost_uids", "by_source")}
+        brief = {k: v for k, v in phase.items() if k not in ("lost_uids", "by_source", "by_kind", "by_defect")}
         print(f"  {name}: {json.dumps(brief)}")
     print(f"  cases by state: {totals['cases_by_state']}")
     if "qc_outputs" in report:
@@ -767,16 +1344,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flap-seconds", type=float, default=10.0)
     parser.add_argument("--fuzz", type=int, default=40)
     parser.add_argument("--pydicom-files", type=int, default=12)
+    parser.add_argument("--mutations", type=int, default=1000, help="mutated CT and SEG data sets for the fuzz phase")
+    parser.add_argument("--check-sample", type=int, default=300, help="acknowledged fuzzed instances re-checked for processing")
+    parser.add_argument("--aborts", type=int, default=20, help="transfers aborted mid-data-set")
+    parser.add_argument("--idle-sockets", type=int, default=200)
+    parser.add_argument("--slow-drip", type=int, default=20)
+    parser.add_argument("--tls-silent", type=int, default=20, help="silent TCP peers while TLS is on")
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--workers", type=int, default=0, help="pipeline.workers of the node (0: queue jobs only)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds; phases not started by then are skipped")
+    parser.add_argument("--keep-log", type=Path, help="copy the node's log here at the end")
+    parser.add_argument("--only", help="comma-separated phases to run (default: all)")
     parser.add_argument("--json", type=Path, help="also write the full report here")
     args = parser.parse_args(argv)
     report = run_harness(args)
     print_summary(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
-    return 0 if report["totals"]["lost"] == 0 and report["totals"]["node_crashes"] == 0 else 1
+    totals = report["totals"]
+    clean = not (totals["lost"] or totals["node_crashes"] or totals["tracebacks"] or totals["a700_for_data_defects"]
+                 or totals["unprocessable_acknowledged"])
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

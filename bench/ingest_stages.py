@@ -48,9 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     timed(ingest, "read_header", "header parse")
     timed(ingest, "sha256_of_file", "sha256")
-    timed(spool.Spool, "sync_file", "file fsync")
-    timed(spool.Spool, "commit", "rename + directory fsync")
-    timed(ingest.Ingestor, "_store", "store: rename + SQL transaction")
+    timed(spool.Spool, "sync_file", "file fsync (overlaps parse and hash, another thread)")
+    timed(ingest, "fsync_directory", "directory fsync (once per batch and folder)")
+    timed(ingest.Ingestor, "_store_batch", "group commit: SQL + rename + directory fsync + commit")
     timed(ingest.Ingestor, "ingest", "handler total (ingest)")
     with tempfile.TemporaryDirectory(prefix="qcgate-stages-", dir=REPO / "..") as tmp:
         files = write_series(Path(tmp) / "series", args.slices, 0, "STAGES")

@@ -106,6 +106,22 @@ def _positive_int(dataset: Dataset, keyword: str, what: str) -> int:
     return number
 
 
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _non_negative_int(dataset: Dataset, keyword: str, what: str) -> int:
+    value = dataset.get(keyword)
+    if value in (None, ""):
+        raise HeaderError(R.MISSING_ATTRIBUTE, f"{what} lacks {keyword}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} {R.printable(value, 40)!r} is not a number") from None
+    if number < 0:
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} is {number}; it must be >= 0")
+    return number
+
+
 def _numbers(dataset: Dataset, keyword: str, count: int, *, positive: bool = False) -> list[float]:
     value = dataset.get(keyword)
     if value in (None, ""):
@@ -138,8 +154,23 @@ def _expected_native_bytes(dataset: Dataset, sop_class: str) -> int:
     rows = _positive_int(dataset, "Rows", what)
     columns = _positive_int(dataset, "Columns", what)
     frames = _positive_int(dataset, "NumberOfFrames", what) if (sop_class == SEGMENTATION_STORAGE or "NumberOfFrames" in dataset) else 1
-    samples = _positive_int(dataset, "SamplesPerPixel", what) if "SamplesPerPixel" in dataset else 1
+    # The Image Pixel module's Type 1 attributes: without them the pixel data cannot be decoded.
+    samples = _positive_int(dataset, "SamplesPerPixel", what)
     bits = _positive_int(dataset, "BitsAllocated", what)
+    stored = _positive_int(dataset, "BitsStored", what)
+    high_bit = _non_negative_int(dataset, "HighBit", what)
+    representation = _non_negative_int(dataset, "PixelRepresentation", what)
+    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
+    if not photometric:
+        raise HeaderError(R.MISSING_ATTRIBUTE, f"{what} lacks PhotometricInterpretation")
+    if photometric not in _MONOCHROME:  # CT images and SEGs are grey-scale (PS3.3 C.8.2.1, C.8.20.2)
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"PhotometricInterpretation {R.printable(photometric, 20)!r} is not MONOCHROME1 or MONOCHROME2")
+    if stored > bits or high_bit >= bits:
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"BitsStored {stored} / HighBit {high_bit} do not fit BitsAllocated {bits}")
+    if representation > 1:
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"PixelRepresentation is {representation}; it must be 0 or 1")
+    if sop_class != SEGMENTATION_STORAGE and samples != 1:
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"a CT image has SamplesPerPixel 1, not {samples}")
     if sop_class == SEGMENTATION_STORAGE:
         kind = str(dataset.get("SegmentationType", "") or "").strip().upper()
         allowed = {"BINARY": (1,), "FRACTIONAL": (8,), "LABELMAP": (8, 16)}.get(kind)
@@ -218,7 +249,9 @@ def _check_pixel_data(stream: BinaryIO, pixel_offset: int, file_size: int, datas
             raise HeaderError(R.ENCODING_MISMATCH, f"PixelData is encapsulated but the negotiated transfer syntax {syntax} is native")
         if value_start + length > file_size:
             raise HeaderError(R.PIXEL_DATA, f"PixelData states {length} bytes but the data set ends after {file_size - value_start}")
-        if length < expected:
+        # Exactly the stated size, plus the one pad byte to an even length: more data than the
+        # header states would be decoded as extra frames (or ignored) by the worker.
+        if not expected <= length <= expected + 1:
             raise HeaderError(R.PIXEL_DATA, f"PixelData has {length} bytes; the header states {expected}")
         return
     # Encapsulated: undefined length, a Basic Offset Table item, then at least one fragment.

@@ -4,6 +4,12 @@ The order is what makes an acknowledgement safe: the file is fsynced and renamed
 then the database row is committed, and only then does the caller return Success. A crash between
 the two leaves a spool file without a row, which is harmless: the sender was not acknowledged and
 re-sends, and the re-send finds the same bytes at the same path.
+
+Group commit: instances that arrive while a commit is in progress (concurrent associations, or a
+STOW-RS request) wait, and the next commit takes them all: one transaction, one fsync of each
+spool directory, one touch per case, one database commit (one WAL fsync). Each caller returns only
+after the commit that holds its row, so Success still means durable. The file's fsync overlaps the
+header parse and the SHA-256.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import insert, select
@@ -23,13 +30,29 @@ from sqlalchemy.orm import Session, sessionmaker
 from qcgate.core.dicom import InstanceHeader
 from qcgate.node import refusals as R
 from qcgate.node.dicom_header import HeaderError, read_header
-from qcgate.node.spool import Spool, sha256_of_file
+from qcgate.node.spool import Spool, fsync_directory, sha256_of_file
 from qcgate.store.cases import case_series_for, get_or_create_case_id, touch_case
 from qcgate.store.models import Instance, RefusedInstance, SegReference, utcnow
 
 LOG = logging.getLogger("qcgate.ingest")
 
 DISK_REFUSAL_WINDOW_SECONDS = 300.0  # /healthz reports disk refusals this recent
+MAX_GROUP_COMMIT = 64  # instances in one group commit at most
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One checked instance waiting for the group commit that makes it durable."""
+
+    incoming: Path
+    header: InstanceHeader
+    relative: Path
+    digest: str
+    size: int
+    association_id: int | None
+    result: IngestResult | None = None
+    error: BaseException | None = None
+    case_id: int | None = field(default=None, repr=False)
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -57,6 +80,11 @@ class Ingestor:
         self._case_ids: dict[str, int] = {}  # CT series UID -> case id; cases are never renumbered
         self._disk_refusals: deque[float] = deque(maxlen=100_000)  # monotonic times of disk refusals
         self._disk_lock = threading.Lock()
+        # Group commit: waiting instances, and whether one caller is committing a batch now.
+        self._group = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._committing = False
+        self._fsyncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qcgate-fsync")
 
     def disk_is_low(self) -> bool:
         return self.spool.free_mb() < self.min_free_mb
@@ -108,6 +136,8 @@ class Ingestor:
         ``expected_*`` are what the request said (C-STORE's affected UIDs, STOW-RS's study in the
         path): a data set that differs is refused as ``uid-mismatch``."""
         header: InstanceHeader | None = None
+        # The file's fsync (I/O, no GIL) runs while this thread parses the header and hashes the file.
+        synced = self._fsyncer.submit(self.spool.sync_file, incoming)
         try:
             header = read_header(incoming)
             if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid.strip():
@@ -118,48 +148,140 @@ class Ingestor:
                 raise HeaderError(R.UID_MISMATCH, f"StudyInstanceUID {header.study_instance_uid} differs from the study in the "
                                                   f"request's path {R.printable(expected_study_instance_uid, 80)}")
         except HeaderError as exc:
+            synced.exception()  # wait for it; the quarantine moves the file
             # The request's UIDs, else the data set's where its header could be read (STOW-RS has no request UIDs).
             return self._quarantine(incoming, exc.code, str(exc), association_id,
                                     expected_sop_instance_uid or (header.sop_instance_uid if header else None),
                                     expected_sop_class_uid or (header.sop_class_uid if header else None))
-        self.spool.sync_file(incoming)
-        digest = sha256_of_file(incoming)
+        except BaseException:
+            synced.exception()
+            raise
+        try:
+            digest = sha256_of_file(incoming)
+        finally:
+            error = synced.exception()
+        if error is not None:
+            raise error
         size = incoming.stat().st_size
         relative = self.spool.relative_path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
         try:
-            return self._store(incoming, header, relative, digest, size, association_id)
+            return self._group_commit(_Pending(incoming, header, relative, digest, size, association_id))
+        except BaseException:
+            incoming.unlink(missing_ok=True)  # not acknowledged: the sender keeps its copy and retries
+            raise
+
+    # --- group commit ------------------------------------------------------------------------
+
+    def _group_commit(self, item: _Pending) -> IngestResult:
+        """Queue ``item`` and return once a commit holding it is done. Whoever finds no commit in
+        progress commits everything waiting (up to MAX_GROUP_COMMIT), its own item included."""
+        with self._group:
+            self._waiting.append(item)
+            while True:
+                if item.result is not None:
+                    return item.result
+                if item.error is not None:
+                    raise item.error
+                if not self._committing:
+                    self._committing = True
+                    batch, self._waiting = self._waiting[:MAX_GROUP_COMMIT], self._waiting[MAX_GROUP_COMMIT:]
+                    self._group.release()
+                    try:
+                        self._commit_batch(batch)
+                    except BaseException as exc:  # every instance of the failed batch gets the error
+                        for pending in batch:
+                            if pending.result is None and pending.error is None:
+                                pending.error = exc
+                    finally:
+                        self._group.acquire()
+                        self._committing = False
+                        self._group.notify_all()
+                else:
+                    self._group.wait()
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        """One transaction for the batch; on a value the database refuses, each instance alone."""
+        try:
+            self._store_batch(batch)
+        except DataError:
+            for item in batch:
+                if item.result is None:
+                    item.result = self._store_one(item)
+
+    def _store_one(self, item: _Pending) -> IngestResult:
+        try:
+            self._store_batch([item])
         except DataError as exc:
             # A value the database refuses is a defect of the data set that validation missed: permanent.
+            header = item.header
             LOG.error("the database refused a value of %s: %s", header.sop_instance_uid, R.printable(exc.orig, 300))
-            return self._quarantine(incoming, R.INVALID_ATTRIBUTE, f"a value cannot be stored: {exc.orig}", association_id,
+            return self._quarantine(item.incoming, R.INVALID_ATTRIBUTE, f"a value cannot be stored: {exc.orig}", item.association_id,
                                     header.sop_instance_uid, header.sop_class_uid)
+        assert item.result is not None
+        return item.result
 
-    def _store(self, incoming: Path, header: InstanceHeader, relative: Path, digest: str, size: int, association_id: int | None) -> IngestResult:
-        # Core statements, not ORM objects: this runs once per instance on the acknowledgement path.
+    def _store_batch(self, batch: list[_Pending]) -> None:
+        """Resends answered, then the new instances' rows inserted, their files renamed into the spool
+        (each directory fsynced once), their cases touched once, and one commit."""
         with self._write_lock, self.session_factory() as session:
-            existing = session.execute(
-                select(Instance.sha256, Instance.case_id).where(Instance.sop_instance_uid == header.sop_instance_uid)
-            ).first()
-            if existing is not None:
-                return self._resend(incoming, header, existing.sha256, existing.case_id, digest, association_id)
+            uids = list({item.header.sop_instance_uid for item in batch})
+            existing = {row.sop_instance_uid: row for row in session.execute(
+                select(Instance.sop_instance_uid, Instance.sha256, Instance.case_id).where(Instance.sop_instance_uid.in_(uids)))}
+            fresh: dict[str, _Pending] = {}
+            repeats: list[_Pending] = []
+            for item in batch:
+                uid = item.header.sop_instance_uid
+                if uid in existing:
+                    row = existing[uid]
+                    item.result = self._resend(item.incoming, item.header, row.sha256, row.case_id, item.digest, item.association_id)
+                elif uid in fresh:
+                    repeats.append(item)  # the same instance twice in one batch: a re-send of the first
+                else:
+                    fresh[uid] = item
+            if not fresh:
+                return
+            session.rollback()  # end the read transaction of the duplicate check before writing
             try:
-                case_id = self._insert_rows(session, header, relative, digest, size, association_id)
+                self._insert_batch(session, list(fresh.values()))
             except IntegrityError:
-                # The cached case was deleted (retention): forget the cache and link afresh, once.
+                # A cached case was deleted (retention): forget the cache and link afresh, once.
                 session.rollback()
                 self._case_ids.clear()
-                case_id = self._insert_rows(session, header, relative, digest, size, association_id)
-            # The rows are written but not committed: the file is made durable in its place first.
-            self.spool.commit(incoming, relative)
+                self._insert_batch(session, list(fresh.values()))
+            # The rows are written but not committed: the files are made durable in their places first.
+            directories = set()
+            for item in fresh.values():
+                final = self.spool.absolute(item.relative)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(item.incoming, final)
+                directories.add(final.parent)
+            if self.spool.fsync:
+                for directory in directories:
+                    fsync_directory(directory)
             session.commit()
-            LOG.debug("stored %s (%d bytes) in case %s", header.sop_instance_uid, size, case_id)
-            return IngestResult(R.STATUS_SUCCESS, "stored", "stored", header.sop_instance_uid, case_id,
-                                sop_class_uid=header.sop_class_uid)
+            for item in fresh.values():
+                LOG.debug("stored %s (%d bytes) in case %s", item.header.sop_instance_uid, item.size, item.case_id)
+                item.result = IngestResult(R.STATUS_SUCCESS, "stored", "stored", item.header.sop_instance_uid, item.case_id,
+                                           sop_class_uid=item.header.sop_class_uid)
+        for item in repeats:
+            first = fresh[item.header.sop_instance_uid]
+            item.result = self._resend(item.incoming, item.header, first.digest, first.case_id, item.digest, item.association_id)
+
+    def _insert_batch(self, session: Session, items: list[_Pending]) -> None:
+        now = utcnow()
+        touched: set[int] = set()
+        for item in items:
+            item.case_id = self._insert_rows(session, item.header, item.relative, item.digest, item.size, item.association_id,
+                                             touch=False, now=now)
+            if item.case_id is not None:
+                touched.add(item.case_id)
+        for case_id in sorted(touched):
+            touch_case(session, case_id, now)
 
     def _insert_rows(self, session: Session, header: InstanceHeader, relative: Path, digest: str, size: int,
-                     association_id: int | None) -> int | None:
-        """Insert the instance (and a SEG's references), link and touch its case; no commit."""
-        now = utcnow()
+                     association_id: int | None, *, touch: bool = True, now: object = None) -> int | None:
+        """Insert the instance (and a SEG's references), link and (unless ``touch`` is False) touch its case; no commit."""
+        now = now or utcnow()
         case_id = self._case_id(session, header)
         instance_id = session.execute(insert(Instance).values(
             sop_instance_uid=header.sop_instance_uid,
@@ -184,7 +306,7 @@ class Ingestor:
                 {"seg_instance_id": instance_id, "referenced_sop_instance_uid": uid}
                 for uid in sorted(header.referenced_sop_instance_uids)
             ])
-        if case_id is not None:
+        if case_id is not None and touch:
             touch_case(session, case_id, now)
         return case_id
 

@@ -17,12 +17,21 @@ pyproject pins ``pynetdicom ~= 3.0.4``, and tests/node/test_node_abuse.py checks
    message just before converting it, keeps the original value and cuts the one in the command
    set to 64 characters; the C-STORE handler then refuses the instance with a status.
 
+3. **A DIMSE message pynetdicom cannot decode.** A C-STORE request without an Affected SOP
+   Instance UID (or with a command set pydicom cannot read) raises inside
+   ``DIMSEMessage.decode_msg`` on the DUL thread: pynetdicom logs a traceback, its reactor thread
+   dies and the association hangs until the peer gives up. ``install()`` wraps ``decode_msg`` so
+   that such a message is logged in one line and the association is aborted (the DUL's Evt19, as
+   pynetdicom does for a message it can decode but not convert); its partial file is removed when
+   the association ends.
+
 ``install()`` is called once by ``qcgate.service`` at process start (wiring), never by a
 constructor. Without it the node still works: data sets arrive in memory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -33,6 +42,7 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages, evt
 
+LOG = logging.getLogger("qcgate.node")
 _UID_KEYWORDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
 _installed = False
 _install_lock = threading.Lock()
@@ -110,7 +120,30 @@ def install() -> None:
             return
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[assignment]
+        dimse_messages.DIMSEMessage.decode_msg = _guarded_decode(dimse_messages.DIMSEMessage.decode_msg)  # type: ignore[method-assign]
         _installed = True
+
+
+def _guarded_decode(decode: Callable[..., bool]) -> Callable[..., bool]:
+    def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+        try:
+            return decode(self, primitive, assoc)
+        except Exception as exc:  # a malformed message from the peer: abort its association, keep the DUL alive
+            peer = getattr(getattr(assoc, "requestor", None), "address", "?")
+            LOG.warning("invalid DIMSE message from %s (%s: %s): association aborted", peer, type(exc).__name__,
+                        str(exc).encode("ascii", "backslashreplace").decode()[:200])
+            handle = getattr(self, "_data_set_file", None)
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError:
+                    pass
+            if assoc is not None:
+                assoc.dul.event_queue.put("Evt19")
+            return False
+
+    decode_msg.__wrapped__ = decode  # type: ignore[attr-defined]
+    return decode_msg
 
 
 def installed() -> bool:

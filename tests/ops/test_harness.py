@@ -20,12 +20,16 @@ REPO = Path(__file__).resolve().parents[2]
 def _run_harness(tmp_path: Path, *extra: str) -> dict[str, Any]:
     report_path = tmp_path / "harness.json"
     command = [sys.executable, str(REPO / "bench" / "harness.py"), "--senders", "2", "--instances", "5", "--kill-rounds", "1",
-               "--outputs", "3", "--flap-seconds", "3", "--fuzz", "16", "--pydicom-files", "3", "--time-limit", "80",
+               "--outputs", "3", "--flap-seconds", "3", "--fuzz", "16", "--pydicom-files", "3", "--mutations", "150", "--check-sample", "150", "--aborts", "5",
+               "--time-limit", "150",
                "--json", str(report_path), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert report_path.exists(), result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert result.returncode == (0 if report["totals"]["lost"] == 0 and report["totals"]["node_crashes"] == 0 else 1)
+    totals = report["totals"]
+    clean = not (totals["lost"] or totals["node_crashes"] or totals["tracebacks"] or totals["a700_for_data_defects"]
+                 or totals["unprocessable_acknowledged"])
+    assert result.returncode == (0 if clean else 1)
     return report
 
 
@@ -48,6 +52,26 @@ def _check_common(report: dict[str, Any]) -> None:
     assert bad["node_answers_echo"] and bad["stored_of_acknowledged"] == bad["acknowledged"]
     assert bad["by_source"]["pydicom-malformed"].get("0x0000", 0) == 0  # no malformed file is acknowledged
     assert "0xC211" not in bad["statuses"]  # pynetdicom's "the handler raised": every refusal is the gate's own
+    # issue 15's findings as named defects: each gets a permanent refusal, never Success or A700
+    defects = phases["defects"]
+    assert defects["acknowledged_defects"] == [] and defects["a700_for_defects"] == 0 and defects["no_answer"] == 0
+    assert defects["permanent_refusals"] == defects["payloads"], defects["by_defect"]
+    assert defects["incoming_leftovers"] == 0 and defects["echo_seconds_after"] is not None  # aborted transfers
+    # the mutation fuzzer over a valid CT and SEG: 150 seeded mutations, bounded in time
+    fuzz = phases["fuzz"]
+    assert fuzz["mutations"] == 150 and fuzz["seconds"] < 60
+    assert fuzz["node_crashes"] == 0 and fuzz["tracebacks"] == 0 and fuzz["a700"] == 0 and fuzz["c211_handler_raised"] == 0
+    assert fuzz["checked_for_processing"] == fuzz["acknowledged"] == fuzz["stored_of_acknowledged"]
+    assert fuzz["unprocessable_acknowledged"] == 0, fuzz["unprocessable_examples"]
+    assert fuzz["node_answers_echo"]
+    # 200 idle sockets and 20 slow drips, then TLS with 20 silent peers and a partial ClientHello:
+    # the legitimate C-ECHO is answered within 1 s throughout
+    for mode, echoes in (("plain", 5), ("tls", 3)):
+        siege = phases["abuse_sockets"][mode]
+        assert siege["echoes_within_1s"] == echoes, siege
+        assert siege["echo_after_deadline_seconds"] is not None and siege["idle_closed_by_node_of_last_16"] == 16, siege
+    assert phases["abuse_sockets"]["tls"]["partial_hello_closed"] and phases["abuse_sockets"]["node_alive"]
+    assert totals["tracebacks"] == 0 and totals["a700_for_data_defects"] == 0
     # the load and kill cases (CT + their SEG) were assembled: every one is ready with a queued job
     assert totals["cases_by_state"].get("ready", 0) >= 2
 
