@@ -40,7 +40,7 @@ def test_a_phantom_case_sent_by_stow_rs_is_processed(make_gate, tmp_path: Path) 
     assert len(answer.ReferencedSOPSequence) == len(members) and "FailedSOPSequence" not in answer
     case = wait_until(lambda: case_done(gate), timeout=300)
     detail = gate.audit_case(case["case_id"])
-    assert detail["n_members"] == 2 and detail["q_source"] == "ensemble-agreement" and len(detail["slices"]) >= 1
+    assert detail["n_members"] == 2 and detail["q_source"] not in ("ensemble-agreement", "none") and len(detail["slices"]) >= 1  # q from the model's estimator
     assert gate.sql("SELECT count(*), count(DISTINCT case_id), count(association_id) FROM instances") == [
         (len(datasets), 1, 0)]  # one case; STOW-RS instances come without a DIMSE association
     assert "STOW-RS 200 from ai-service@127.0.0.1" in gate.log_text()
