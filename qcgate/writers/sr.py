@@ -28,6 +28,7 @@ import logging
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import highdicom as hd
@@ -75,32 +76,47 @@ def _algorithm(result: CaseResult) -> hd.sr.AlgorithmIdentification:
     )
 
 
+def _coded(code: Code) -> hd.sr.CodedConcept:
+    """The CodedConcept of ``code``, built (and validated by highdicom) once per process.
+
+    Every slice group names the same concepts and units; highdicom would convert and validate each
+    Code again for every item. The one CodedConcept dataset is then shared by the items that name it:
+    the encoded file is the same (pydicom writes each occurrence in full; items are not mutated).
+    Keyed by every field (a Code's own equality ignores the meaning)."""
+    return _coded_by_fields(code.value, code.scheme_designator, code.meaning, code.scheme_version)
+
+
+@lru_cache(maxsize=256)
+def _coded_by_fields(value: str, scheme: str, meaning: str, version: str | None) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning, scheme_version=version)
+
+
 def _ratio(name: Code, value: float) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=qc_codes.UNIT_RATIO)
+    return hd.sr.Measurement(name=name, value=float(value), unit=_coded(qc_codes.UNIT_RATIO))
 
 
 def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The TID 1501 group of one lesion slice."""
-    measurements = [_ratio(qc_codes.TAU, item.tau)]
-    evaluations = [hd.sr.QualitativeEvaluation(name=qc_codes.QUALITY_ASSESSMENT, value=qc_codes.VERDICT_CODES[item.verdict])]
+    measurements = [_ratio(_coded(qc_codes.TAU), item.tau)]
+    evaluations = [hd.sr.QualitativeEvaluation(name=_coded(qc_codes.QUALITY_ASSESSMENT), value=_coded(qc_codes.VERDICT_CODES[item.verdict]))]
     if item.q is not None and item.q == item.q:  # NaN counts as unknown, as in slice_verdict
-        measurements.append(_ratio(qc_codes.Q_ESTIMATE, item.q))
+        measurements.append(_ratio(_coded(qc_codes.Q_ESTIMATE), item.q))
     else:
-        evaluations.append(hd.sr.QualitativeEvaluation(name=qc_codes.Q_ESTIMATE, value=qc_codes.VALUE_UNKNOWN))
-    measurements.append(_ratio(qc_codes.MARGIN, item.margin))
-    measurements.append(hd.sr.Measurement(name=qc_codes.AREA, value=float(item.lesion_area_mm2), unit=qc_codes.UNIT_MM2))
+        evaluations.append(hd.sr.QualitativeEvaluation(name=_coded(qc_codes.Q_ESTIMATE), value=_coded(qc_codes.VALUE_UNKNOWN)))
+    measurements.append(_ratio(_coded(qc_codes.MARGIN), item.margin))
+    measurements.append(hd.sr.Measurement(name=_coded(qc_codes.AREA), value=float(item.lesion_area_mm2), unit=_coded(qc_codes.UNIT_MM2)))
     for name, value in sorted((item.uncertainty or {}).items()):
         if value == value:  # a NaN statistic (empty region) is left out rather than written as a number
             concept, unit = qc_codes.uncertainty_code(name)
-            measurements.append(hd.sr.Measurement(name=concept, value=float(value), unit=unit))
+            measurements.append(hd.sr.Measurement(name=_coded(concept), value=float(value), unit=_coded(unit)))
     source = item.source_image
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(), identifier=f"Lesion slice {item.slice_index + 1}",
         ),
-        finding_type=qc_codes.LESION_TYPE,
-        finding_category=qc_codes.LESION_CATEGORY,
-        method=qc_codes.QC_METHOD,
+        finding_type=_coded(qc_codes.LESION_TYPE),
+        finding_category=_coded(qc_codes.LESION_CATEGORY),
+        method=_coded(qc_codes.QC_METHOD),
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
