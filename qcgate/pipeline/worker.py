@@ -79,6 +79,13 @@ def series_verdict(verdicts: list[Verdict], settings: PipelineSettings) -> tuple
     return Verdict.ACCEPT, policy
 
 
+def _occupied_slices(probability: Any) -> list[int]:
+    """The slices where a member's probability is non-zero (a sparse member knows them)."""
+    if hasattr(probability, "occupied"):
+        return list(probability.occupied())
+    return [int(k) for k in np.flatnonzero(np.asarray(probability).reshape(len(probability), -1).max(axis=1) > 0)]
+
+
 def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSettings, model: ThresholdPredictor,
                timer: StageTimer) -> CaseResult:
     """Per-slice tau, q and verdict from the CT and the SEG members (the method of DESIGN §2)."""
@@ -89,20 +96,17 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     ensemble = [m for m in members if not m.is_reference_reader] or members
     references = [m for m in members if m.is_reference_reader and m not in ensemble]
     notes: list[str] = []
-    # Mean and std only where some member sees something: most slices of a series are empty.
-    shape = ensemble[0].probability.shape
-    occupied = np.zeros(shape[0], bool)
-    for member in ensemble:
-        occupied |= member.probability.reshape(shape[0], -1).max(axis=1) > 0
-    # float16 halves the memory of full-series maps; every use below converts one slice to float32.
-    mean = np.zeros(shape, np.float16)
-    uncertainty = np.zeros(shape, np.float16) if len(ensemble) >= 2 else None
-    for k in np.flatnonzero(occupied):
+    # Mean, std and consensus only where some member sees something (most slices of a series are
+    # empty): held per occupied slice (float16 maps), so memory follows the lesion, not the series.
+    occupied = sorted(set().union(*(_occupied_slices(m.probability) for m in ensemble)))
+    mean: dict[int, np.ndarray] = {}
+    uncertainty: dict[int, np.ndarray] | None = {} if len(ensemble) >= 2 else None
+    for k in occupied:
         stacked = np.stack([m.probability[k].astype(np.float32) for m in ensemble])
-        mean[k] = stacked.mean(axis=0)
+        mean[k] = stacked.mean(axis=0).astype(np.float16)
         if uncertainty is not None:
-            uncertainty[k] = stacked.std(axis=0)
-    consensus = mean >= 0.5
+            uncertainty[k] = stacked.std(axis=0).astype(np.float16)
+    consensus = {k: mean[k] >= 0.5 for k in occupied}
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
     use_uncertainty = uncertainty is not None and model.has_uncertainty_variant
@@ -114,7 +118,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     else:
         q_source = "none"
         notes.append("one member and no reference: q is unknown, every slice goes to review with its threshold")
-    lesion_slices = [int(k) for k in np.flatnonzero(consensus.reshape(consensus.shape[0], -1).any(axis=1))]
+    lesion_slices = [k for k in occupied if consensus[k].any()]
     timer.lap("ensemble")
 
     inputs = []
@@ -249,17 +253,39 @@ def _record_failure(session: Session, job_id: int, reason: str, token: str | Non
     session.execute(update(Case).where(Case.id == job.case_id).values(state=CaseState.FAILED.value, reason=reason[:4000]))
 
 
-_MODEL_CACHE: dict[str, ThresholdModel] = {}
+_MODEL_CACHE: dict[str, tuple[str, ThresholdModel]] = {}  # name or path -> (manifest stamp, model)
+MODEL_LOADS: dict[str, int] = {}  # name or path -> loads in this process (tests, diagnostics)
+
+
+def _manifest_stamp(name_or_path: str) -> str:
+    """The sha256 of the model's manifest.json, "" when it cannot be read (loading then names the problem).
+
+    The manifest lists the sha256 of every other file of the model, so a retrained or replaced model
+    has a new manifest: hashing the one small file per job is enough to notice it."""
+    from qcgate.predictors.artifacts import MANIFEST, resolve_model_directory, sha256_file
+
+    try:
+        return sha256_file(resolve_model_directory(name_or_path) / MANIFEST)
+    except Exception:  # a bad name or a missing manifest: load_model raises the stated error
+        return ""
 
 
 def load_threshold_model(name_or_path: str) -> ThresholdModel:
-    """The configured model, loaded once per worker process (loading checks hashes)."""
-    if name_or_path not in _MODEL_CACHE:
-        from qcgate.predictors import load_model, load_named_model
+    """The configured model, kept loaded in the worker process across jobs (loading checks hashes);
+    loaded again when its manifest changes (a retrained or replaced model)."""
+    stamp = _manifest_stamp(name_or_path)
+    cached = _MODEL_CACHE.get(name_or_path)
+    if cached is not None and stamp and cached[0] == stamp:
+        return cached[1]
+    from qcgate.predictors import load_model, load_named_model
 
-        path = Path(name_or_path)
-        _MODEL_CACHE[name_or_path] = load_model(path) if path.is_dir() else load_named_model(name_or_path)
-    return _MODEL_CACHE[name_or_path]
+    path = Path(name_or_path)
+    model = load_model(path) if path.is_dir() else load_named_model(name_or_path)
+    MODEL_LOADS[name_or_path] = MODEL_LOADS.get(name_or_path, 0) + 1
+    if cached is not None:
+        LOG.info("model %s changed (manifest sha256 %s… -> %s…): loaded again", name_or_path, cached[0][:12], stamp[:12])
+    _MODEL_CACHE[name_or_path] = (stamp, model)
+    return model
 
 
 def run_qc_job(job_id: int, settings_json: str, token: str | None = None) -> dict[str, Any]:
