@@ -123,36 +123,43 @@ class SliceVolume(_VolumeLike):
 
 
 class SparseSlices(_VolumeLike):
-    """A (slices, rows, cols) float16 volume that holds only its non-empty slices (slice -> 2-D)."""
+    """A (slices, rows, cols) float16 volume that holds only its non-empty slices, each cropped to
+    the bounding box of its non-zero pixels (slice -> (row, col, 2-D crop)); ``vol[k]`` gives the
+    full 2-D slice back (zeros outside the box)."""
 
-    def __init__(self, shape: tuple[int, int, int], slices: dict[int, np.ndarray] | None = None) -> None:
+    def __init__(self, shape: tuple[int, ...], slices: dict[int, np.ndarray] | None = None) -> None:
         self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.dtype = np.dtype(np.float16)
-        self.slices: dict[int, np.ndarray] = {}
-        self._zeros = np.zeros(self.shape[1:], np.float16)
-        self._zeros.flags.writeable = False
+        self.crops: dict[int, tuple[int, int, np.ndarray]] = {}
         for k, plane in (slices or {}).items():
             self.put(k, plane)
 
     def put(self, k: int, plane: np.ndarray) -> None:
         """Keep ``plane`` (clipped to [0, 1], as float16) at slice ``k``; an all-zero plane is not kept."""
-        plane = np.clip(np.asarray(plane, np.float32), 0.0, 1.0)
-        if plane.any():
-            self.slices[int(k)] = plane.astype(np.float16)
-        else:
-            self.slices.pop(int(k), None)
+        values = np.clip(np.asarray(plane, np.float32), 0.0, 1.0).astype(np.float16)
+        rows, cols = np.flatnonzero(values.any(axis=1)), np.flatnonzero(values.any(axis=0))
+        if rows.size == 0:
+            self.crops.pop(int(k), None)
+            return
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        self.crops[int(k)] = (r0, c0, values[r0:r1, c0:c1].copy())
 
     def slice(self, k: int) -> np.ndarray:
-        return self.slices.get(k, self._zeros)
+        out = np.zeros(self.shape[1:], np.float16)
+        held = self.crops.get(k)
+        if held is not None:
+            r0, c0, crop = held
+            out[r0:r0 + crop.shape[0], c0:c0 + crop.shape[1]] = crop
+        return out
 
     def occupied(self) -> list[int]:
         """The slices with any non-zero probability, in order."""
-        return sorted(self.slices)
+        return sorted(self.crops)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of probability held (the occupied slices only)."""
-        return sum(plane.nbytes for plane in self.slices.values())
+        """Bytes of probability held (the occupied slices' boxes only)."""
+        return sum(crop.nbytes for _, _, crop in self.crops.values())
 
 
 @dataclass
@@ -363,17 +370,18 @@ def load_seg_member(path: Path, ct: CtSeries, labels: Sequence[str]) -> SegMembe
     wanted = sorted(frame for frames in by_slice.values() for frame in frames
                     if _native_frame_is_empty(seg, frame) is not True)
     slice_of = {frame: k for k, frames in by_slice.items() for frame in frames}
-    planes: dict[int, np.ndarray] = {}
+    probability = SparseSlices(ct.hu.shape)
     try:
         for frame, pixels in zip(wanted, _decode_frames(seg, wanted)):
             k = slice_of[frame]
             values = pixels.astype(np.float32) / scale
-            planes[k] = values if k not in planes else np.maximum(planes[k], values)
+            if k in probability.crops:  # a second frame of the segment on one slice
+                values = np.maximum(probability[k].astype(np.float32), values)
+            probability.put(k, values)
     except JobFailure:
         raise
     except Exception as exc:
         raise JobFailure(f"SEG {Path(path).name} pixel data cannot be decoded: {type(exc).__name__}: {exc}") from None
-    probability = SparseSlices(ct.hu.shape, planes)
     algorithm_types = {str(item.get("SegmentAlgorithmType", "")) for item in seg.SegmentSequence if int(item.SegmentNumber) == segment_number}
     if "PixelData" in seg:
         del seg.PixelData  # the writers need the SEG's header only (the SR's evidence)

@@ -27,7 +27,7 @@ from qcgate.config import PipelineSettings, Settings
 from qcgate.core.agreement import dice, ensemble_agreement
 from qcgate.core.layout import DataLayout
 from qcgate.core.dicom import SEGMENTATION_STORAGE
-from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, load_ct_series, load_seg_member
+from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, SparseSlices, load_ct_series, load_seg_member
 from qcgate.core.results import CaseResult, SliceResult, Verdict, slice_verdict
 from qcgate.predictors import ThresholdModel, ThresholdPredictor
 from qcgate.store.database import create_db_engine, make_session_factory
@@ -79,6 +79,9 @@ def series_verdict(verdicts: list[Verdict], settings: PipelineSettings) -> tuple
     return Verdict.ACCEPT, policy
 
 
+ASSESS_CHUNK = 25  # lesion slices assessed per model call (bounds the inputs held at once)
+
+
 def _occupied_slices(probability: Any) -> list[int]:
     """The slices where a member's probability is non-zero (a sparse member knows them)."""
     if hasattr(probability, "occupied"):
@@ -99,14 +102,16 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     # Mean, std and consensus only where some member sees something (most slices of a series are
     # empty): held per occupied slice (float16 maps), so memory follows the lesion, not the series.
     occupied = sorted(set().union(*(_occupied_slices(m.probability) for m in ensemble)))
-    mean: dict[int, np.ndarray] = {}
-    uncertainty: dict[int, np.ndarray] | None = {} if len(ensemble) >= 2 else None
+    shape = tuple(ensemble[0].probability.shape)
+    mean = SparseSlices(shape)  # float16, each slice cropped to its non-zero box
+    uncertainty = SparseSlices(shape) if len(ensemble) >= 2 else None
+    consensus: dict[int, np.ndarray] = {}
     for k in occupied:
         stacked = np.stack([m.probability[k].astype(np.float32) for m in ensemble])
-        mean[k] = stacked.mean(axis=0).astype(np.float16)
+        mean.put(k, stacked.mean(axis=0))
         if uncertainty is not None:
-            uncertainty[k] = stacked.std(axis=0).astype(np.float16)
-    consensus = {k: mean[k] >= 0.5 for k in occupied}
+            uncertainty.put(k, stacked.std(axis=0))
+        consensus[k] = mean[k] >= 0.5
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
     use_uncertainty = uncertainty is not None and model.has_uncertainty_variant
@@ -121,17 +126,22 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     lesion_slices = [k for k in occupied if consensus[k].any()]
     timer.lap("ensemble")
 
-    inputs = []
-    for k in lesion_slices:
-        image = ct.hu[k].astype(np.float32)
-        lung = lung_mask_from_hu(image)
-        if not lung.any():
-            notes.append(f"slice {k}: no lung found; the imaging group falls back")
-        inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
-                                 uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
-                                 pixel_spacing=ct.pixel_spacing, lung_mask=lung))
     # One pass: each slice's features are extracted once and give both tau and the key features.
-    assessments = model.assess(inputs, use_uncertainty=use_uncertainty, top=5) if inputs else []
+    # The inputs (float32 image, probability, uncertainty and lung mask: ~3.3 MB a 512x512 slice) are
+    # built and assessed ASSESS_CHUNK slices at a time, so they never all exist at once.
+    assessments = []
+    for start in range(0, len(lesion_slices), ASSESS_CHUNK):
+        inputs = []
+        for k in lesion_slices[start:start + ASSESS_CHUNK]:
+            image = ct.hu[k].astype(np.float32)
+            lung = lung_mask_from_hu(image)
+            if not lung.any():
+                notes.append(f"slice {k}: no lung found; the imaging group falls back")
+            inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
+                                     uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
+                                     pixel_spacing=ct.pixel_spacing, lung_mask=lung))
+        assessments += model.assess(inputs, use_uncertainty=use_uncertainty, top=5)
+        del inputs
     timer.lap("thresholds")
 
     # The margin defaults to the validation MAE of the sub-model that actually answered.
@@ -147,14 +157,15 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
             q = None
         tau = float(np.clip(assessments[position].tau, 0.0, 1.0))
         metrics = None
-        if uncertainty is not None:
+        uncertainty_map = None if uncertainty is None else uncertainty[k].astype(np.float32)
+        if uncertainty_map is not None:
             metrics = {name.removeprefix("uncertainty."): float(value)
-                       for name, value in uncertainty_metrics(uncertainty[k].astype(np.float32), consensus[k]).items()}
+                       for name, value in uncertainty_metrics(uncertainty_map, consensus[k]).items()}
         slices.append(SliceResult(
             source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q, margin=margin,
             verdict=slice_verdict(tau, q, margin), lesion_area_mm2=float(consensus[k].sum() * pixel_area),
             uncertainty=metrics, key_features=assessments[position].key_features,
-            uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
+            uncertainty_map=uncertainty_map,
         ))
     verdict, policy = series_verdict([s.verdict for s in slices], settings)
     timer.lap("verdicts")
