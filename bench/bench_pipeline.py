@@ -113,7 +113,8 @@ def _sr_sent(database: Path) -> int:
         ).fetchone()[0]
 
 
-def run_once(work: Path, files: list[Path], model: str, repo: Path = REPO, warmup: list[Path] | None = None) -> dict[str, object]:
+def run_once(work: Path, files: list[Path], model: str, repo: Path = REPO, warmup: list[Path] | None = None,
+             memory_limit_mb: int | None = None) -> dict[str, object]:
     pacs_dir = work / "pacs"
     pacs_dir.mkdir(parents=True, exist_ok=True)
     pacs_port, gate_port = free_port(), free_port()
@@ -124,6 +125,7 @@ def run_once(work: Path, files: list[Path], model: str, repo: Path = REPO, warmu
     config.write_text(f'[node]\nport = {gate_port}\n[storage]\ndata_dir = "{data_dir}"\n'
                       f'[assembly]\nstable_seconds = {STABLE_SECONDS}\npoll_interval_seconds = 0.2\n'
                       f'[pipeline]\nworkers = 1\nmodel = "{model}"\n'
+                      + (f'job_memory_limit_mb = {memory_limit_mb}\n' if memory_limit_mb is not None else '') +
                       f'[delivery]\ndestinations = ["PACS@127.0.0.1:{pacs_port}"]\npoll_interval_seconds = 0.2\n'
                       f'[observability]\nenabled = false\n')
     log = open(work / "gate.log", "wb")
@@ -217,6 +219,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference", type=Path, help="another checkout to run alternately (e.g. a worktree of arch)")
     parser.add_argument("--warmup", action="store_true", help="send a small case first: measure a warm worker")
+    parser.add_argument("--reference-memory-limit-mb", type=int,
+                        help="pipeline.job_memory_limit_mb for the reference runs only (0: none); default: the default")
     parser.add_argument("--no-feature-reference", action="store_true", help="skip the plain feature-extraction reference")
     args = parser.parse_args()
     versions = [("this", REPO)] + ([("reference", args.reference.resolve())] if args.reference else [])
@@ -233,7 +237,8 @@ def main() -> None:
         runs: dict[str, list[dict[str, object]]] = {name: [] for name, _ in versions}
         for r in range(args.repeats):
             for name, repo in reversed(versions):  # the reference first in each repeat
-                runs[name].append(run_once(work / f"run{r}-{name}", [*ct_files, *members], args.model, repo, warmup))
+                limit = args.reference_memory_limit_mb if name == "reference" else None
+                runs[name].append(run_once(work / f"run{r}-{name}", [*ct_files, *members], args.model, repo, warmup, limit))
         reference = None
         if not args.no_feature_reference:
             reference = statistics.median(reference_features_seconds(volume, masks) for _ in range(args.repeats))
