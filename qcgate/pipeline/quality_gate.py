@@ -114,9 +114,10 @@ def _features(estimator, temperature: float, model, probability: np.ndarray, mem
                                   position_map=model.position_map, groups=groups, binary=binary)
 
 
-def domain_problems(ct, model, lung_found: bool) -> list[str]:
+def domain_problems(ct, model, lung_found: bool, lesion_slices: list[int] | None = None) -> list[str]:
     """Why this series is outside the model's domain (empty when it is inside): a modality other than
-    CT, pixel values that are not HU, no lung on any lesion slice."""
+    CT, pixel values that are not HU (judged on up to 16 of the lesion slices, which the job decodes
+    anyway: the series is never decoded whole), no lung on any lesion slice."""
     problems = []
     modalities = {str(ds.get("Modality", "") or "").upper() for ds in ct.datasets} - {""}
     if modalities - {"CT"}:
@@ -125,7 +126,9 @@ def domain_problems(ct, model, lung_found: bool) -> list[str]:
     if rescale_type - {"HU"}:
         problems.append(f"Rescale Type {', '.join(sorted(rescale_type))}: pixel values are not HU")
     else:
-        hu = np.asarray(ct.hu)
+        chosen = lesion_slices if lesion_slices is not None else range(len(ct.datasets))
+        chosen = list(chosen)[:: max(1, len(chosen) // 16)][:16]
+        hu = np.concatenate([np.asarray(ct.hu[k], dtype=np.float32).ravel() for k in chosen]) if chosen else np.zeros(1)
         low, high = float(np.percentile(hu, 0.5)), float(np.percentile(hu, 99.5))
         if low > -500 or high > 4000 or low < -3000:
             problems.append(f"pixel values {low:.0f}..{high:.0f} (0.5-99.5 percentiles) do not look like HU "

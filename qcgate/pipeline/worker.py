@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from qcgate.config import PipelineSettings, Settings
 from qcgate.core.layout import DataLayout
 from qcgate.core.dicom import SEGMENTATION_STORAGE
-from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, load_ct_series, load_seg_member
+from qcgate.pipeline.loading import CtSeries, JobFailure, SegMember, SparseSlices, load_ct_series, load_seg_member
 from qcgate.core.results import CaseResult, SliceResult, Verdict, slice_verdict
 from qcgate.predictors import ThresholdModel, ThresholdPredictor
 from qcgate.store.database import create_db_engine, make_session_factory
@@ -77,6 +77,16 @@ def series_verdict(verdicts: list[Verdict], settings: PipelineSettings) -> tuple
     return Verdict.ACCEPT, policy
 
 
+ASSESS_CHUNK = 25  # lesion slices assessed per model call (bounds the inputs held at once)
+
+
+def _occupied_slices(probability: Any) -> list[int]:
+    """The slices where a member's probability is non-zero (a sparse member knows them)."""
+    if hasattr(probability, "occupied"):
+        return list(probability.occupied())
+    return [int(k) for k in np.flatnonzero(np.asarray(probability).reshape(len(probability), -1).max(axis=1) > 0)]
+
+
 def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSettings, model: ThresholdPredictor,
                timer: StageTimer) -> CaseResult:
     """Per-slice tau, q and verdict from the CT and the SEG members (the method of DESIGN §2)."""
@@ -87,43 +97,47 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     ensemble = [m for m in members if not m.is_reference_reader] or members
     references = [m for m in members if m.is_reference_reader and m not in ensemble]
     notes: list[str] = []
-    # Mean and std only where some member sees something: most slices of a series are empty.
-    shape = ensemble[0].probability.shape
-    occupied = np.zeros(shape[0], bool)
-    for member in ensemble:
-        occupied |= member.probability.reshape(shape[0], -1).max(axis=1) > 0
-    # float16 halves the memory of full-series maps; every use below converts one slice to float32.
-    mean = np.zeros(shape, np.float16)
-    uncertainty = np.zeros(shape, np.float16) if len(ensemble) >= 2 else None
-    for k in np.flatnonzero(occupied):
+    # Mean, std and consensus only where some member sees something (most slices of a series are
+    # empty): held per occupied slice (float16 maps), so memory follows the lesion, not the series.
+    occupied = sorted(set().union(*(_occupied_slices(m.probability) for m in ensemble)))
+    shape = tuple(ensemble[0].probability.shape)
+    mean = SparseSlices(shape)  # float16, each slice cropped to its non-zero box
+    uncertainty = SparseSlices(shape) if len(ensemble) >= 2 else None
+    consensus: dict[int, np.ndarray] = {}
+    for k in occupied:
         stacked = np.stack([m.probability[k].astype(np.float32) for m in ensemble])
-        mean[k] = stacked.mean(axis=0)
+        mean.put(k, stacked.mean(axis=0))
         if uncertainty is not None:
-            uncertainty[k] = stacked.std(axis=0)
-    consensus = mean >= 0.5
+            uncertainty.put(k, stacked.std(axis=0))
+        consensus[k] = mean[k] >= 0.5
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")
     use_uncertainty = uncertainty is not None and model.has_uncertainty_variant
     if len(ensemble) < 2 and not references:
         notes.append("one member: q from the model's q estimator (no ensemble agreement)")
-    lesion_slices = [int(k) for k in np.flatnonzero(consensus.reshape(consensus.shape[0], -1).any(axis=1))]
+    lesion_slices = [k for k in occupied if consensus[k].any()]
     timer.lap("ensemble")
 
-    inputs = []
+    # One pass: each slice's features are extracted once and give tau, the key features and the
+    # learned q's geometry. The inputs (float32 image, probability, uncertainty and lung mask: ~3.3 MB
+    # a 512x512 slice) are built and assessed ASSESS_CHUNK slices at a time, so they never all exist at once.
+    assessments = []
     lung_found = False
-    for k in lesion_slices:
-        image = ct.hu[k].astype(np.float32)
-        lung = lung_mask_from_hu(image)
-        if not lung.any():
-            notes.append(f"slice {k}: no lung found; the imaging group falls back to its defaults (healthy-lung "
-                         "descriptors undefined)")
-        else:
-            lung_found = True
-        inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
-                                 uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
-                                 pixel_spacing=ct.pixel_spacing, lung_mask=lung))
-    # One pass: each slice's features are extracted once and give both tau and the key features.
-    assessments = model.assess(inputs, use_uncertainty=use_uncertainty, top=5) if inputs else []
+    for start in range(0, len(lesion_slices), ASSESS_CHUNK):
+        inputs = []
+        for k in lesion_slices[start:start + ASSESS_CHUNK]:
+            image = ct.hu[k].astype(np.float32)
+            lung = lung_mask_from_hu(image)
+            if not lung.any():
+                notes.append(f"slice {k}: no lung found; the imaging group falls back to its defaults (healthy-lung "
+                             "descriptors undefined)")
+            else:
+                lung_found = True
+            inputs.append(SliceInput(image_hu=image, ai_probability=mean[k].astype(np.float32),
+                                     uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
+                                     pixel_spacing=ct.pixel_spacing, lung_mask=lung))
+        assessments += model.assess(inputs, use_uncertainty=use_uncertainty, top=5)
+        del inputs
     timer.lap("thresholds")
 
     # q on tau's scale from the model's q estimator (or a reference reader), with its band.
@@ -135,7 +149,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
                             extracted=[a.features for a in assessments])
     notes.extend(quality.notes)
     reasons = [n for n in quality.notes if "review" in n]
-    domain = domain_problems(ct, model, lung_found) if lesion_slices else []
+    domain = domain_problems(ct, model, lung_found, lesion_slices) if lesion_slices else []
     if domain:
         reasons.extend(f"out of the model's domain: {p}" for p in domain)
         notes.extend(f"out of the model's domain: {p}; every slice goes to review" for p in domain)
@@ -148,16 +162,16 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
         q = quality.q[position]
         tau = taus[position]
         metrics = None
-        if uncertainty is not None:
+        uncertainty_map = None if uncertainty is None else uncertainty[k].astype(np.float32)
+        if uncertainty_map is not None:
             metrics = {name.removeprefix("uncertainty."): float(value)
-                       for name, value in uncertainty_metrics(uncertainty[k].astype(np.float32), consensus[k]).items()}
+                       for name, value in uncertainty_metrics(uncertainty_map, consensus[k]).items()}
         verdict = Verdict.REVIEW if domain else slice_verdict(tau, q, quality.margin_accept, quality.margin_reject)
         slices.append(SliceResult(
             source_image=ct.datasets[k], slice_index=k, ai_mask=consensus[k], tau=tau, q=q,
             margin=quality.margin_accept, verdict=verdict, lesion_area_mm2=float(consensus[k].sum() * pixel_area),
             uncertainty=metrics, key_features=assessments[position].key_features,
-            uncertainty_map=None if uncertainty is None else uncertainty[k].astype(np.float32),
-            margin_reject=quality.margin_reject, reason="; ".join(reasons),
+            uncertainty_map=uncertainty_map, margin_reject=quality.margin_reject, reason="; ".join(reasons),
         ))
     verdict, policy = series_verdict([s.verdict for s in slices], settings)
     timer.lap("verdicts")
@@ -298,17 +312,39 @@ def _record_failure(session: Session, job_id: int, reason: str, token: str | Non
     session.execute(update(Case).where(Case.id == job.case_id).values(state=CaseState.FAILED.value, reason=reason[:4000]))
 
 
-_MODEL_CACHE: dict[str, ThresholdModel] = {}
+_MODEL_CACHE: dict[str, tuple[str, ThresholdModel]] = {}  # name or path -> (manifest stamp, model)
+MODEL_LOADS: dict[str, int] = {}  # name or path -> loads in this process (tests, diagnostics)
+
+
+def _manifest_stamp(name_or_path: str) -> str:
+    """The sha256 of the model's manifest.json, "" when it cannot be read (loading then names the problem).
+
+    The manifest lists the sha256 of every other file of the model, so a retrained or replaced model
+    has a new manifest: hashing the one small file per job is enough to notice it."""
+    from qcgate.predictors.artifacts import MANIFEST, resolve_model_directory, sha256_file
+
+    try:
+        return sha256_file(resolve_model_directory(name_or_path) / MANIFEST)
+    except Exception:  # a bad name or a missing manifest: load_model raises the stated error
+        return ""
 
 
 def load_threshold_model(name_or_path: str) -> ThresholdModel:
-    """The configured model, loaded once per worker process (loading checks hashes)."""
-    if name_or_path not in _MODEL_CACHE:
-        from qcgate.predictors import load_model, load_named_model
+    """The configured model, kept loaded in the worker process across jobs (loading checks hashes);
+    loaded again when its manifest changes (a retrained or replaced model)."""
+    stamp = _manifest_stamp(name_or_path)
+    cached = _MODEL_CACHE.get(name_or_path)
+    if cached is not None and stamp and cached[0] == stamp:
+        return cached[1]
+    from qcgate.predictors import load_model, load_named_model
 
-        path = Path(name_or_path)
-        _MODEL_CACHE[name_or_path] = load_model(path) if path.is_dir() else load_named_model(name_or_path)
-    return _MODEL_CACHE[name_or_path]
+    path = Path(name_or_path)
+    model = load_model(path) if path.is_dir() else load_named_model(name_or_path)
+    MODEL_LOADS[name_or_path] = MODEL_LOADS.get(name_or_path, 0) + 1
+    if cached is not None:
+        LOG.info("model %s changed (manifest sha256 %s… -> %s…): loaded again", name_or_path, cached[0][:12], stamp[:12])
+    _MODEL_CACHE[name_or_path] = (stamp, model)
+    return model
 
 
 def run_qc_job(job_id: int, settings_json: str, token: str | None = None) -> dict[str, Any]:
