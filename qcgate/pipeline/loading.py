@@ -242,7 +242,7 @@ def load_ct_series(paths: Sequence[Path]) -> CtSeries:
     )
 
 
-def choose_lesion_segment(seg: hd.seg.Segmentation, labels: Sequence[str]) -> tuple[int, str] | None:
+def choose_lesion_segment(seg: Dataset, labels: Sequence[str]) -> tuple[int, str] | None:
     """The lesion segment: the only segment, else one whose label contains a configured word,
     else one whose segmented property type is a lesion concept. None when there is none."""
     descriptions = list(seg.SegmentSequence)
