@@ -21,7 +21,7 @@ def _run_harness(tmp_path: Path, *extra: str) -> dict[str, Any]:
     report_path = tmp_path / "harness.json"
     command = [sys.executable, str(REPO / "bench" / "harness.py"), "--senders", "2", "--instances", "5", "--kill-rounds", "1",
                "--outputs", "3", "--flap-seconds", "3", "--fuzz", "16", "--pydicom-files", "3", "--mutations", "150", "--check-sample", "150", "--aborts", "5",
-               "--idle-sockets", "40", "--slow-drip", "8", "--tls-silent", "8",  # the full 200 + 20: tests/node/test_node_abuse.py
+               "--idle-sockets", "40", "--slow-drip", "8", "--tls-silent", "16",  # the full 200 + 20: tests/node/test_node_abuse.py
                "--time-limit", "150",
                "--json", str(report_path), *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
@@ -65,7 +65,7 @@ def _check_common(report: dict[str, Any]) -> None:
     assert fuzz["checked_for_processing"] == fuzz["acknowledged"] == fuzz["stored_of_acknowledged"]
     assert fuzz["unprocessable_acknowledged"] == 0, fuzz["unprocessable_examples"]
     assert fuzz["node_answers_echo"]
-    # 40 idle sockets and 8 slow drips, then TLS with 8 silent peers and a partial ClientHello:
+    # 40 idle sockets and 8 slow drips, then TLS with 16 silent peers and a partial ClientHello:
     # the legitimate C-ECHO is answered within 1 s throughout
     for mode, echoes in (("plain", 5), ("tls", 3)):
         siege = phases["abuse_sockets"][mode]
