@@ -114,6 +114,9 @@ def _features(estimator, temperature: float, model, probability: np.ndarray, mem
                                   position_map=model.position_map, groups=groups, binary=binary)
 
 
+HU_PADDING_BELOW = -1100.0  # HU: anything lower is padding, not tissue or air (air is about -1000)
+
+
 def domain_problems(ct, model, lung_found: bool, lesion_slices: list[int] | None = None) -> list[str]:
     """Why this series is outside the model's domain (empty when it is inside): a modality other than
     CT, pixel values that are not HU (judged on up to 16 of the lesion slices, which the job decodes
@@ -129,10 +132,13 @@ def domain_problems(ct, model, lung_found: bool, lesion_slices: list[int] | None
         chosen = lesion_slices if lesion_slices is not None else range(len(ct.datasets))
         chosen = list(chosen)[:: max(1, len(chosen) // 16)][:16]
         hu = np.concatenate([np.asarray(ct.hu[k], dtype=np.float32).ravel() for k in chosen]) if chosen else np.zeros(1)
-        low, high = float(np.percentile(hu, 0.5)), float(np.percentile(hu, 99.5))
-        if low > -500 or high > 4000 or low < -3000:
-            problems.append(f"pixel values {low:.0f}..{high:.0f} (0.5-99.5 percentiles) do not look like HU "
-                            "(air near -1000 expected)")
+        # Below air is the scanner's padding outside the field of view (GE writes -3024, others -2048):
+        # not image content, so it is left out before judging whether the values look like HU.
+        hu = hu[hu >= HU_PADDING_BELOW]
+        low, high = (float(np.percentile(hu, 0.5)), float(np.percentile(hu, 99.5))) if hu.size else (np.nan, np.nan)
+        if not hu.size or low > -500 or high > 4000:
+            problems.append(f"pixel values {low:.0f}..{high:.0f} (0.5-99.5 percentiles, padding below "
+                            f"{HU_PADDING_BELOW:.0f} left out) do not look like HU (air near -1000 expected)")
     if not lung_found:
         problems.append("no lung found on any lesion slice: the model was trained on lung lesions")
     return problems

@@ -181,3 +181,15 @@ def test_a_synthetic_model_on_a_real_ct_is_flagged_in_seg_sr_and_report(tmp_path
     assert "SYNTHETIC threshold model" in outputs["report"][0].read_text()
     for kind in ("seg", "sr"):
         assert dciodvfy_errors(outputs[kind][0]) == [], kind
+
+
+def test_scanner_padding_outside_the_field_of_view_is_not_mistaken_for_non_hu_values(lidc) -> None:  # type: ignore[no-untyped-def]
+    """A real GE CT pads outside its circular field of view with -3024: still HU, still in the domain."""
+    from qcgate.pipeline.quality_gate import domain_problems
+
+    hu = _lung_ct()
+    rows, cols = hu.shape[-2:]
+    yy, xx = np.mgrid[:rows, :cols]
+    padded = np.where((yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 > (rows / 2) ** 2, -3024.0, hu)
+    assert domain_problems(_ct(padded, "CT"), lidc, True, [0]) == []
+    assert any("HU" in p for p in domain_problems(_ct(hu + 1500.0, "CT"), lidc, True, [0]))  # raw values: still caught
