@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -217,3 +218,37 @@ def write_phantom_case(out_dir: Path, seed: int = 3, members: int = 2) -> tuple[
     write_cohort_dicom(cohort, out_dir)
     case_dir = next(p for p in out_dir.iterdir() if p.is_dir())
     return sorted((case_dir / "ct").glob("*.dcm")), sorted(case_dir.glob("seg_ai_member*.dcm"))
+
+
+class StoreSCP:
+    """DCMTK storescp as the destination PACS; files are written in arrival order (-od)."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"PACS@127.0.0.1:{self.port}"
+
+    def start(self) -> "StoreSCP":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(self.folder), str(self.port)],
+                                        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def received(self) -> list[Dataset]:
+        """What arrived, read whole, in file-name order."""
+        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+    def received_in_order(self) -> list[str]:
+        """SOP Instance UIDs in arrival order."""
+        files = sorted((p for p in self.folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]

@@ -93,7 +93,8 @@ def _seg_references(dataset: Dataset) -> tuple[tuple[str, ...], frozenset[str]]:
 
 # --- geometry and pixel data ---------------------------------------------------------------------
 
-def _positive_int(dataset: Dataset, keyword: str, what: str) -> int:
+def _int_attribute(dataset: Dataset, keyword: str, what: str, minimum: int) -> int:
+    """The integer value of ``keyword``, at least ``minimum``; HeaderError naming it otherwise."""
     value = dataset.get(keyword)
     if value in (None, ""):
         raise HeaderError(R.MISSING_ATTRIBUTE, f"{what} lacks {keyword}")
@@ -101,25 +102,20 @@ def _positive_int(dataset: Dataset, keyword: str, what: str) -> int:
         number = int(value)
     except (TypeError, ValueError):
         raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} {R.printable(value, 40)!r} is not a number") from None
-    if number <= 0:
-        raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} is {number}; it must be > 0")
+    if number < minimum:
+        raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} is {number}; it must be >= {minimum}")
     return number
 
 
-_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+def _positive_int(dataset: Dataset, keyword: str, what: str) -> int:
+    return _int_attribute(dataset, keyword, what, 1)
 
 
 def _non_negative_int(dataset: Dataset, keyword: str, what: str) -> int:
-    value = dataset.get(keyword)
-    if value in (None, ""):
-        raise HeaderError(R.MISSING_ATTRIBUTE, f"{what} lacks {keyword}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} {R.printable(value, 40)!r} is not a number") from None
-    if number < 0:
-        raise HeaderError(R.INVALID_ATTRIBUTE, f"{keyword} is {number}; it must be >= 0")
-    return number
+    return _int_attribute(dataset, keyword, what, 0)
+
+
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
 def _numbers(dataset: Dataset, keyword: str, count: int, *, positive: bool = False) -> list[float]:

@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.support import dcmtk_env, free_port
+from tests.support import StoreSCP, free_port  # noqa: F401  (StoreSCP: re-exported for the delivery tests)
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -127,35 +125,6 @@ class RecordingSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-
-
-class StoreSCP:
-    """DCMTK storescp as the destination PACS; files are written in arrival order (-od)."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        self.folder = folder
-        self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"PACS@127.0.0.1:{self.port}"
-
-    def start(self) -> "StoreSCP":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(self.folder), str(self.port)],
-                                        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def received_in_order(self) -> list[str]:
-        files = sorted((p for p in self.folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
-        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from tests.support import (
     DCMQI_LIVER,
-    dcmtk_env,
+    StoreSCP,
     free_port,
     storescu,
     write_lung2_case,
@@ -24,34 +23,6 @@ pytestmark = pytest.mark.slow  # slow tier: storescu -> qcgate serve -> QC job -
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-class StoreSCP:
-    """DCMTK storescp as the destination PACS."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        self.folder = folder
-        self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "StoreSCP":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(self.folder), str(self.port)],
-                                        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
-
-    @property
-    def address(self) -> str:
-        return f"PACS@127.0.0.1:{self.port}"
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pydicom
 import pytest
 
 from qcgate.config import Settings
-from qcgate.core.dicom import SEGMENTATION_STORAGE
 from qcgate.pipeline import worker
 from qcgate.pipeline.dispatcher import claim_next_job
 from qcgate.pipeline.loading import SparseSlices, load_ct_series, load_seg_member
