@@ -12,7 +12,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Callable
+from typing import Any, Sequence
 
 import numpy as np
 import pydicom
@@ -252,3 +253,15 @@ class StoreSCP:
         """SOP Instance UIDs in arrival order."""
         files = sorted((p for p in self.folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
         return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 240, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

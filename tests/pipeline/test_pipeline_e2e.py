@@ -13,6 +13,7 @@ import pytest
 from tests.support import (
     DCMQI_LIVER,
     StoreSCP,
+    wait_until,
     free_port,
     storescu,
     write_lung2_case,
@@ -32,15 +33,6 @@ def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.stop()
 
 
-def wait_until(predicate, timeout: float = 240, interval: float = 0.5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
 
 
 def pipeline_gate(make_gate, pacs: StoreSCP | None, model: str, **extra):  # type: ignore[no-untyped-def]

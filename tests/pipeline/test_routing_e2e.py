@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from tests.delivery.conftest import StoreSCP
-from tests.support import storescu, write_phantom_case
+from tests.support import storescu, wait_until, write_phantom_case
 
 pytestmark = pytest.mark.slow  # storescu -> qcgate serve -> QC job -> two storescp peers
 
@@ -22,15 +22,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def _wait(predicate: Any, timeout: float = 240, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
 
 
 def _routing_gate(make_gate: Any, clinical: StoreSCP, review: StoreSCP, workers: int) -> Any:
@@ -84,9 +75,9 @@ def test_a_review_case_reaches_the_review_station_now_and_the_clinical_pacs_once
     members = members[:1]  # one member of the phantom's weak AI: the series is review or reject, never accept
     ai_seg_uid = str(pydicom.dcmread(members[0], stop_before_pixels=True).SOPInstanceUID)
     assert storescu(gate.port, [*ct_files, *members]).returncode == 0
-    case = _wait(lambda: _done(gate))
+    case = wait_until(lambda: _done(gate))
     assert case["series_verdict"] in ("review", "reject"), case  # either way: held for the accept-only PACS
-    _wait(lambda: [s for _, _, s in _states(gate) if s == "sent"] == ["sent"] * 3)
+    wait_until(lambda: [s for _, _, s in _states(gate) if s == "sent"] == ["sent"] * 3)
     assert _states(gate) == [("clinical-pacs", "ai-seg", "held"), ("clinical-pacs", "sr", "held"),
                              ("review-station", "ai-seg", "sent"), ("review-station", "seg", "sent"), ("review-station", "sr", "sent")]
     assert _classes(review) == [SEG_CLASS, SEG_CLASS, SR_CLASS]
@@ -99,7 +90,7 @@ def test_a_review_case_reaches_the_review_station_now_and_the_clinical_pacs_once
     assert added.returncode == 0, added.stderr
     decided = gate.cli("review", "accept", str(case["case_id"]), "--reason", "outline confirmed", "--user", "dr.reviewer")
     assert decided.returncode == 0 and "2 held output(s) released" in decided.stdout, decided.stdout + decided.stderr
-    _wait(lambda: [s for d, _, s in _states(gate) if d == "clinical-pacs"] == ["sent", "sent"], timeout=60)
+    wait_until(lambda: [s for d, _, s in _states(gate) if d == "clinical-pacs"] == ["sent", "sent"], timeout=60)
     time.sleep(1.5)  # nothing more may arrive
     assert _classes(clinical) == [SEG_CLASS, SR_CLASS]  # exactly once each
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in clinical.folder.iterdir()}
@@ -122,8 +113,8 @@ def test_a_worker_without_destinations_still_delivers_through_serve(make_gate: A
         ct_files, members = write_phantom_case(tmp_path / "input")
         members = members[:1]
         assert storescu(gate.port, [*ct_files, *members]).returncode == 0
-        _wait(lambda: _done(gate))
-        _wait(lambda: [s for d, _, s in _states(gate) if d == "review-station"] == ["sent"] * 3)
+        wait_until(lambda: _done(gate))
+        wait_until(lambda: [s for d, _, s in _states(gate) if d == "review-station"] == ["sent"] * 3)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
