@@ -34,10 +34,31 @@ EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 
 
+_XDIST_PORT_BASE = 20000  # below Linux's ephemeral range (32768+), so no outgoing connection takes one
+_XDIST_PORTS_PER_WORKER = 500
+_next_port_offset = 0
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that is free now. Under pytest-xdist each worker draws from its own block
+    below the ephemeral range, so two workers never pick the same port between choosing and binding."""
+    global _next_port_offset
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... when run with -n
+    if not worker.startswith("gw"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    base = _XDIST_PORT_BASE + int(worker[2:]) * _XDIST_PORTS_PER_WORKER
+    for _ in range(_XDIST_PORTS_PER_WORKER):
+        port = base + _next_port_offset
+        _next_port_offset = (_next_port_offset + 1) % _XDIST_PORTS_PER_WORKER
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}..{base + _XDIST_PORTS_PER_WORKER - 1} for xdist worker {worker}")
 
 
 def dcmtk_env() -> dict[str, str]:
