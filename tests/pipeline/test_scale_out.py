@@ -213,6 +213,7 @@ def test_three_workers_and_serve_share_one_database_and_a_killed_workers_job_run
         names = {str(p.pid): n for n, p in processes.started.items()} | {str(gate.process.pid): "serve"}
         by_node = {name: sum(names.get(pid) == name for pid in senders) for name in names.values()}
         assert sum(by_node.values()) == 2 * n_cases and by_node["serve"] < 2 * n_cases, by_node  # the workers delivered too
+        assert gate.sql("SELECT count(*) FROM deliveries WHERE sender IS NOT NULL OR lease_until IS NOT NULL") == [(0,)]  # no lease left
         print(f"sent by {by_node}")
         attempts = dict(gate.sql("SELECT id, attempts FROM jobs"))
         assert attempts[killed_job] == 2, attempts
