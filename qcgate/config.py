@@ -363,6 +363,15 @@ class DeliverySettings(_Section):
     backoff_max_seconds: float = Field(default=300.0, gt=0, description="the cap on the delay between two tries")
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
+    lease_seconds: float = Field(
+        default=60.0, gt=0, description="a delivery being sent whose lease is this old is claimed again by any delivering node")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a delivering node renews the leases of its sends")
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> DeliverySettings:
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("delivery.lease_seconds must be at least twice delivery.heartbeat_seconds")
+        return self
 
     @field_validator("destinations")
     @classmethod
@@ -389,6 +398,14 @@ class DeliverySettings(_Section):
     def parsed_destinations(self) -> list[Destination]:
         """The DIMSE addresses of the plain entries (older callers)."""
         return [Destination.parse(v) for v in self.destinations if destination_type(v) == "dimse"]
+
+
+class WorkerSettings(_Section):
+    """What `qcgate worker` runs besides the QC jobs."""
+
+    deliver: bool = Field(
+        default=False, description="also run the outbox (any node delivers, under leases); the worker's [delivery] "
+                                   "destinations and rules must then equal those `qcgate serve` recorded in the database")
 
 
 class ObservabilitySettings(_Section):
@@ -457,6 +474,7 @@ class Settings(_Section):
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -1,4 +1,4 @@
-"""`qcgate serve`: the node, the assembler and the systemd handshake in one process."""
+"""`qcgate serve`: the node, the assembler, the router and outbox, the HTTP server and the systemd handshake in one process."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from qcgate.config import Settings
 from qcgate.errors import ConfigError
+from qcgate.delivery import fingerprint
 from qcgate.delivery.outbox import Outbox
 from qcgate import systemd
 from qcgate.node import pynetdicom_adapter
@@ -51,6 +52,13 @@ class GateService:
         self.dispatcher = Dispatcher(settings, self.session_factory) if settings.pipeline.workers > 0 else None
         if self.dispatcher is not None:  # a typo'd model would otherwise fail every job as "internal error"
             LOG.info("threshold model %s verified", verify_configured_model(settings))
+        # One source of delivery targets: serve records its destinations and rules; a delivering
+        # `qcgate worker` must match them (qcgate.delivery.fingerprint).
+        recorded, changes = fingerprint.record(self.session_factory, settings.delivery)
+        LOG.info("delivery settings recorded in the database (fingerprint %s)", recorded[:12])
+        if changes:
+            LOG.warning("delivery settings changed since the last serve: %s; delivering workers with the old ones pause "
+                        "until they are restarted with these", "; ".join(changes))
         self.outbox = Outbox(settings.delivery, self.session_factory, self.spool.data_dir, settings.node.ae_title)
         self._stopped = threading.Event()
         self.http = self._http_server() if settings.http_enabled else None

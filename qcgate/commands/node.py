@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from qcgate.commands.common import add_settings_arguments, settings_from_args
-from qcgate.config import load_settings
+from qcgate.config import Settings, load_settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -35,7 +35,30 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  threshold model {model} ({settings.pipeline.model}) verified")
     print(f"  listens on {settings.node.host}:{settings.node.port} as {settings.node.ae_title}")
     print(f"  data dir {settings.storage.data_dir}; database {settings.database_url.split('@')[-1]}")
+    if args.database is not None:
+        _check_against_database(settings, args.database or settings.database_url)
     return 0
+
+
+def _check_against_database(settings: Settings, url: str) -> None:
+    """The file's destinations and rules against those `qcgate serve` recorded in the database."""
+    from qcgate.delivery.fingerprint import compare_with_recorded
+    from qcgate.errors import ConfigError
+    from qcgate.store.database import create_db_engine, make_session_factory
+
+    engine = create_db_engine(url, must_exist=True)
+    try:
+        recorded, differences = compare_with_recorded(make_session_factory(engine), settings.delivery)
+    finally:
+        engine.dispose()
+    if recorded is None:
+        print("  no delivery settings recorded in that database yet (`qcgate serve` records them at start)")
+    elif differences:
+        raise ConfigError("delivery settings differ from those `qcgate serve` recorded "
+                          f"({recorded.recorded_by}, {recorded.recorded_at:%Y-%m-%d %H:%M:%S}); a worker with "
+                          "worker.deliver would refuse to start:\n  " + "\n  ".join(differences))
+    else:
+        print(f"  delivery settings match those serve recorded ({recorded.fingerprint[:12]}, {recorded.recorded_by})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,4 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     check = subparsers.add_parser("check-config", help="validate a TOML settings file")
     check.add_argument("file", type=Path)
+    check.add_argument("--database", nargs="?", const="", metavar="URL",
+                       help="also compare the delivery settings with those `qcgate serve` recorded in this database "
+                            "(no URL: the file's own database)")
     check.set_defaults(handler=_check_config)

@@ -3,7 +3,9 @@
 A QC job records its outputs only. The router (a thread of `qcgate serve`, started by the outbox)
 gives every output of a finished case that has not been routed yet its delivery rows, from serve's
 settings (``delivery.destinations`` and ``[[delivery.destination]]``): so where a case goes never
-depends on which process ran its job (a `qcgate worker` needs no destinations).
+depends on which process ran its job. Any delivering node then sends the rows under leases
+(:mod:`qcgate.delivery.leases`); a `qcgate worker` that delivers must hold serve's destinations and
+rules (:mod:`qcgate.delivery.fingerprint`), one that does not needs none.
 
 For a destination with rule (objects, verdicts) and a case whose series verdict is ``v``:
 

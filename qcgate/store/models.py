@@ -320,6 +320,10 @@ class Delivery(Base):
                                                    server_default=text("CURRENT_TIMESTAMP"))
     # When it was held for review (it stays set after a release or discard). Migration 0007.
     held_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The node sending it now (claim token host:pid:random) and until when; any node may claim a
+    # pending row whose lease is NULL or past (qcgate.delivery.leases). Migration 0008.
+    sender: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),
@@ -338,12 +342,49 @@ class DeliveryAttempt(Base):
     outcome: Mapped[str] = mapped_column(String(STATE_LENGTH))  # sent | transient | permanent
     dimse_status: Mapped[int | None] = mapped_column(Integer)
     message: Mapped[str | None] = mapped_column(Text)
+    sender: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))  # the node that tried (migration 0008)
 
     __table_args__ = (Index("ix_delivery_attempts_delivery", "delivery_id"),)
 
 
 # The outbox per destination, oldest first (migration 0004).
 Index("ix_deliveries_destination_state", Delivery.destination, Delivery.state, Delivery.id)
+
+
+class DestinationState(Base):
+    """One destination's shared backoff, so that every node delivering to it backs off together.
+
+    ``consecutive_failures``: transient failures of the destination since it last answered;
+    ``next_attempt_at``: no node tries it before then (the backoff, or the lease of the one probe
+    in flight); ``prober``: the claim token of the node probing it now. Migration 0008.
+    """
+
+    __tablename__ = "destination_states"
+
+    destination: Mapped[str] = mapped_column(String(DESTINATION_LENGTH), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    prober: Mapped[str | None] = mapped_column(String(WORKER_LENGTH))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+SHARED_SETTINGS_NAME_LENGTH = 64
+FINGERPRINT_LENGTH = 64  # a SHA-256 in hex
+
+
+class SharedSettings(Base):
+    """Settings every node must agree on, as `qcgate serve` recorded them at its start: the canonical
+    document (no secrets) and its SHA-256. ``name`` ``delivery``: the destinations and their rules
+    (qcgate.delivery.fingerprint). Migration 0008."""
+
+    __tablename__ = "shared_settings"
+
+    name: Mapped[str] = mapped_column(String(SHARED_SETTINGS_NAME_LENGTH), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH))
+    document: Mapped[str] = mapped_column(Text)  # canonical JSON
+    recorded_by: Mapped[str] = mapped_column(String(WORKER_LENGTH))  # host:pid of the serve that wrote it
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 ACTION_USER_LENGTH = 128  # who: a login or a name

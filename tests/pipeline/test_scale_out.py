@@ -1,7 +1,9 @@
-"""Scale-out on one PostgreSQL database and one data directory: `qcgate serve` receives, queues and
-delivers; three `qcgate worker` processes run the QC jobs. One worker is killed (`kill -9`) mid-job
-and another started: every case ends done, each output reaches the PACS exactly once, the killed
-worker's job runs once more and no job that ran on a live worker runs twice (its attempts stay 1).
+"""Scale-out on one PostgreSQL database and one data directory: `qcgate serve` receives, queues,
+routes and delivers; three `qcgate worker` processes run the QC jobs and deliver too
+(``worker.deliver``, under leases). One worker is killed (`kill -9`) mid-job and another started:
+every case ends done, each output reaches the PACS (DCMTK storescp) exactly once, counted by SOP
+Instance UID, the killed worker's job runs once more and no job that ran on a live worker runs twice
+(its attempts stay 1). A worker whose destination differs from serve's refuses to start, naming it.
 
 Every process a test starts runs in its own session (process group) and is stopped by PID; the tests
 assert that none of them, nor any of their children, remains.
@@ -14,17 +16,56 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 
+from tests.conftest import write_config
 from tests.pipeline.test_orphans import _alive, _descendants
-from tests.pipeline.test_pipeline_e2e import SEG_CLASS, SR_CLASS, StoreSCP, pacs, pipeline_gate, wait_until  # noqa: F401 (fixture)
-from tests.support import storescu, write_phantom_case
+from tests.pipeline.test_pipeline_e2e import (
+    SEG_CLASS,
+    SR_CLASS,
+    StoreSCP,
+    pipeline_gate,
+    wait_until,
+)
+from tests.support import dcmtk_env, storescu, write_phantom_case
 
 LEASES = {"heartbeat_seconds": 1.0, "lease_seconds": 5.0}
+DELIVERY_LEASES = {"heartbeat_seconds": 0.5, "lease_seconds": 3.0}
+
+
+def worker_config(gate: Any, path: Path, **delivery: Any) -> Path:
+    """serve's settings file for a `qcgate worker` that delivers too; ``delivery`` overrides keys
+    (the poll interval is not a shared setting; a destination is)."""
+    config = tomllib.loads(gate.config_path.read_text())
+    config["delivery"] = {**config["delivery"], **delivery}
+    config["worker"] = {"deliver": True}
+    write_config(path, config)
+    return path
+
+
+class EveryArrivalSCP(StoreSCP):
+    """DCMTK storescp keeping every arrival in its own file (``+uf``): an instance sent twice is two
+    files, where the default names would overwrite the first copy and hide the duplicate."""
+
+    def start(self) -> EveryArrivalSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(["storescp", "-aet", "PACS", "+uf", "-od", str(self.folder), str(self.port)],
+                                        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return self
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = EveryArrivalSCP(tmp_path / "pacs").start()
+    yield scp
+    scp.stop()
 
 
 class Processes:
@@ -101,7 +142,7 @@ def send_cases(port: int, folder: Path, n: int) -> list[list[Path]]:
     return cases
 
 
-def check_each_output_delivered_once(gate: Any, pacs: StoreSCP, n_cases: int) -> None:  # noqa: F811
+def check_each_output_delivered_once(gate: Any, pacs: StoreSCP, n_cases: int) -> None:
     """n_cases SEG + SR at the PACS, each SOP instance once, each the one the database recorded."""
     wait_until(lambda: len(pacs.received()) >= 2 * n_cases and all(
         d["state"] == "sent" for d in gate.audit_deliveries()), timeout=60)
@@ -127,15 +168,22 @@ def running_jobs(gate: Any) -> list[tuple[int, str, int]]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_three_workers_and_serve_share_one_database_and_a_killed_workers_job_runs_once_more(
-        make_gate: Any, pacs: StoreSCP, tmp_path: Path) -> None:  # noqa: F811
+        make_gate: Any, pacs: StoreSCP, tmp_path: Path) -> None:
     started = time.monotonic()
-    gate = pipeline_gate(make_gate, pacs, "phantom-full", pipeline={"workers": 0, **LEASES})  # serve: receive, queue, deliver
+    # serve: receive, queue, route, deliver; the workers run jobs and deliver (polling faster, so they
+    # send most deliveries: any node delivers).
+    gate = pipeline_gate(make_gate, pacs, "phantom-full", pipeline={"workers": 0, **LEASES}, delivery=DELIVERY_LEASES)
     processes = Processes(tmp_path)
-    worker = [sys.executable, "-m", "qcgate.cli", "worker", "--config", str(gate.config_path), "--workers", "1"]
-    n_cases = 4
+    config = worker_config(gate, tmp_path / "worker.toml", poll_interval_seconds=0.05)
+    worker = [sys.executable, "-m", "qcgate.cli", "worker", "--config", str(config), "--workers", "1"]
+    n_cases = 3
     try:
         for index in range(3):
             processes.start(f"worker{index}", worker)
+        elsewhere = worker_config(gate, tmp_path / "elsewhere.toml", destinations=["PACS@127.0.0.1:1"])
+        refused = processes.start("refused", [*worker[:4], "--config", str(elsewhere), "--workers", "1"])
+        assert refused.wait(timeout=60) == 2
+        assert "delivery.destination['PACS@127.0.0.1:1']: only in this node" in processes.log("refused"), processes.log("refused")
         send_cases(gate.port, tmp_path / "input", n_cases)
         pids = {name: process.pid for name, process in processes.started.items()}
 
@@ -149,7 +197,7 @@ def test_three_workers_and_serve_share_one_database_and_a_killed_workers_job_run
                     return job_id, token, name
             return None
 
-        killed_job, killed_token, killed_name = wait_until(victim, timeout=90, interval=0.2)
+        killed_job, _, killed_name = wait_until(victim, timeout=90, interval=0.2)
         others = [(job_id, token) for job_id, token, _ in running_jobs(gate) if job_id != killed_job]
         below = processes.kill9(killed_name)
         assert below, "the killed worker had a QC pool process"
@@ -161,6 +209,12 @@ def test_three_workers_and_serve_share_one_database_and_a_killed_workers_job_run
         wait_until(lambda: gate.sql("SELECT count(*) FROM cases WHERE state = 'done'") == [(n_cases,)], timeout=120)
         assert gate.sql("SELECT count(*) FROM cases WHERE state <> 'done'") == [(0,)]
         check_each_output_delivered_once(gate, pacs, n_cases)
+        senders = [str(token).split(":")[1] for (token,) in gate.sql("SELECT sender FROM delivery_attempts WHERE outcome = 'sent'")]
+        names = {str(p.pid): n for n, p in processes.started.items()} | {str(gate.process.pid): "serve"}
+        by_node = {name: sum(names.get(pid) == name for pid in senders) for name in names.values()}
+        assert sum(by_node.values()) == 2 * n_cases and by_node["serve"] < 2 * n_cases, by_node  # the workers delivered too
+        assert gate.sql("SELECT count(*) FROM deliveries WHERE sender IS NOT NULL OR lease_until IS NOT NULL") == [(0,)]  # no lease left
+        print(f"sent by {by_node}")
         attempts = dict(gate.sql("SELECT id, attempts FROM jobs"))
         assert attempts[killed_job] == 2, attempts
         assert all(attempts[job_id] == 1 for job_id in attempts if job_id != killed_job), attempts
