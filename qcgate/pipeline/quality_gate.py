@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcgate.core.results import Q_SOURCE_NONE, Q_SOURCE_REFERENCE
+
 NO_ESTIMATOR_REASON = ("the model {model} has no q estimator (trained before quality.json existed): q is unknown, "
                        "every slice goes to review; retrain it with qcgate train-gate")
 
@@ -38,6 +40,8 @@ class CaseQuality:
     margin_reject: float | None  # reject if q < tau - margin_reject
     rule: str  # the rule and its numbers, in words (SR, report)
     notes: list[str] = field(default_factory=list)
+    # why every slice is forced to review (no q estimator, none applies); empty when q is known
+    review_reasons: list[str] = field(default_factory=list)
 
 
 def is_binary_member(member) -> bool:
@@ -59,20 +63,22 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
     if references:
         margin = settings.margin if settings.margin is not None else fallback_margin
         q = [dice(mean[k] >= 0.5, references[0].probability[k] >= 0.5) for k in lesion_slices]
-        return CaseQuality("reference", q, None, margin, margin,
+        return CaseQuality(Q_SOURCE_REFERENCE, q, None, margin, margin,
                            f"accept if q >= tau + {margin:.3f}, reject if q < tau - {margin:.3f} (q = Dice against the "
                            "reference reader's SEG; margin = tau's validation MAE)",
                            ["q is the Dice of the AI segmentation against the reference reader's SEG"])
     estimators = getattr(model, "q_estimators", None)
     if estimators is None:
         reason = NO_ESTIMATOR_REASON.format(model=f"{model.name} {model.version}")
-        return CaseQuality("none", [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason])
+        return CaseQuality(Q_SOURCE_NONE, [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason],
+                           [reason])
     binary = all(is_binary_member(m) for m in ensemble)
     name = estimators.choose(has_probability=not binary, n_members=len(ensemble))
     if name is None:
         reason = ("no q estimator of the model applies to this input (" +
                   ("BINARY members: no probabilities" if binary else f"{len(ensemble)} member(s)") + "): review")
-        return CaseQuality("none", [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason])
+        return CaseQuality(Q_SOURCE_NONE, [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason],
+                           [reason])
     estimator = estimators.estimators[name]
     band = estimator.band
     targets = (settings.max_missed_bad, settings.max_rejected_good)

@@ -100,6 +100,7 @@ def test_a_model_without_q_estimator_gives_review_with_the_reason(lidc, tmp_path
                         PipelineSettings(), model, StageTimer())
     assert result.q_source == "none" and all(s.verdict is Verdict.REVIEW and s.q is None for s in result.slices)
     assert any("no q estimator" in r for r in result.reasons)
+    assert all(s.q_source == "none" and "no q estimator" in s.reason for s in result.slices)
 
 
 @pytest.mark.parametrize("problem", ["modality", "not-hu", "no-lung"])
