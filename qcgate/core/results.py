@@ -89,7 +89,7 @@ class CaseResult:
     series_policy: str  # the stated policy, in words, e.g. "reject if any slice is rejected, ..."
     model_name: str
     model_version: str
-    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "reference" | "none"
+    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "learned-margin" | "reference" | "none"
     n_members: int
     uses_uncertainty: bool
     notes: list[str] = field(default_factory=list)  # e.g. "one member: no uncertainty map"

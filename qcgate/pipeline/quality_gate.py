@@ -33,7 +33,7 @@ NO_ESTIMATOR_REASON = ("the model {model} has no q estimator (trained before qua
 class CaseQuality:
     """q per lesion slice and the rule that turns (tau, q) into a verdict."""
 
-    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "reference" | "none"
+    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "learned-margin" | "reference" | "none"
     q: list[float | None]
     q_validation_mae: float | None  # the estimator's validation MAE (None: reference / none)
     margin_accept: float | None  # accept if q >= tau + margin_accept
@@ -59,6 +59,7 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
     """q and the band of every lesion slice (see the module docstring). ``extracted``: per lesion slice,
     the features already extracted for tau; the q estimator reuses them when they hold all it needs."""
     from qcgate.core.agreement import dice
+    from qcgate.predictors.margin import TAU_FEATURE
 
     if references:
         margin = settings.margin if settings.margin is not None else fallback_margin
@@ -94,6 +95,8 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
         features = _features(estimator, estimators.temperature, model, mean[k].astype(np.float32),
                              np.stack([m.probability[k].astype(np.float32) for m in ensemble]) if len(ensemble) >= 2 else None,
                              ct, k, binary, extracted[position] if extracted is not None and position < len(extracted) else None)
+        if estimator.uses_tau:  # learned-margin: q = tau + the estimated margin, on this slice's tau
+            features[TAU_FEATURE] = taus[position]
         values.append(estimator.estimate(features))
     rule = f"q source {name} (validation MAE {estimator.validation_mae:.3f}); {band.describe()}"
     return CaseQuality(name, values, estimator.validation_mae, band.margin_accept, band.margin_reject, rule, notes)
@@ -101,10 +104,10 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
 
 def _features(estimator, temperature: float, model, probability: np.ndarray, members, ct, k: int,
               binary: bool, extracted: dict[str, float] | None = None) -> dict[str, float]:
-    from qcgate.predictors.quality import slice_quality_features
+    from qcgate.predictors.quality import NON_MASK_PREFIXES, slice_quality_features
 
-    groups = sorted({n.split(".", 1)[0] for n in estimator.feature_names} - {"prob", "ens"}) or ["geometry"]
-    mask_features = [n for n in estimator.feature_names if n.split(".", 1)[0] not in ("prob", "ens")]
+    groups = sorted({n.split(".", 1)[0] for n in estimator.feature_names} - set(NON_MASK_PREFIXES)) or ["geometry"]
+    mask_features = [n for n in estimator.feature_names if n.split(".", 1)[0] not in NON_MASK_PREFIXES]
     if extracted and groups == ["geometry"] and all(n in extracted for n in mask_features):
         # The AI mask's geometry was already extracted for tau (same mask, spacing and position map):
         # only the probability and ensemble metrics are computed here.

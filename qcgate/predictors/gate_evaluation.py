@@ -46,9 +46,11 @@ from qcgate.cohort.model import Case, Cohort
 from qcgate.core.agreement import dice_against_experts
 from qcgate.errors import InputError
 from qcgate.predictors.band import DecisionBand, fit_band
+from qcgate.predictors.margin import TAU_FEATURE
 from qcgate.predictors.quality import (
-    ESTIMATORS, LEARNED, LEARNED_MASK, LEARNED_UM, PROBABILITY, TEMPERATURE_GRID, QualityEstimator,
-    QualityEstimators, fit_temperature, pixel_sample, slice_quality_features, soft_dice_at, soft_dice_grid,
+    ESTIMATORS, LEARNED, LEARNED_MARGIN, LEARNED_MASK, LEARNED_UM, NON_MASK_PREFIXES, PROBABILITY, TEMPERATURE_GRID,
+    QualityEstimator, QualityEstimators, fit_temperature, pixel_sample, slice_quality_features, soft_dice_at,
+    soft_dice_grid,
 )
 
 AI_SOURCES = ("simulated", "members", "leave-one-reader-out", "members+simulated")
@@ -282,6 +284,8 @@ def learned_feature_names(samples: GateSamples, groups: Sequence[str]) -> dict[s
         names[LEARNED] = base + prob
         if ens:
             names[LEARNED_UM] = base + prob + ens
+        # the margin Δ = D_AI − y from learned-um's features (or learned's, without members) plus τ̂
+        names[LEARNED_MARGIN] = base + prob + ens + [TAU_FEATURE]
     return names
 
 
@@ -290,10 +294,19 @@ def _with_temperature(samples: GateSamples, index: np.ndarray, temperature: floa
     return np.asarray([soft_dice_at(samples.grids[i], temperature) for i in index])
 
 
-def _matrix_at(samples: GateSamples, names: Sequence[str], index: np.ndarray, temperature: float) -> np.ndarray:
-    x = samples.matrix(names, index)
-    if "prob.soft_dice" in names and not samples.binary:
-        x[:, list(names).index("prob.soft_dice")] = _with_temperature(samples, index, temperature)
+def _matrix_at(samples: GateSamples, names: Sequence[str], index: np.ndarray, temperature: float,
+               tau: np.ndarray | None = None) -> np.ndarray:
+    """Feature rows of ``index``; prob.soft_dice at ``temperature``; ``tau.value`` from ``tau`` (aligned
+    with ``index``)."""
+    names = list(names)
+    plain = [n for n in names if n != TAU_FEATURE]
+    x = samples.matrix(plain, index)
+    if "prob.soft_dice" in plain and not samples.binary:
+        x[:, plain.index("prob.soft_dice")] = _with_temperature(samples, index, temperature)
+    if TAU_FEATURE in names:
+        if tau is None:
+            raise ValueError("the learned-margin features need tau")
+        x = np.insert(x, names.index(TAU_FEATURE), np.asarray(tau, dtype=np.float64), axis=1)
     return x
 
 
@@ -301,28 +314,47 @@ def _matrix_at(samples: GateSamples, names: Sequence[str], index: np.ndarray, te
 class FittedQ:
     temperature: float
     ridges: dict[str, object]  # learned estimator -> RidgeModel
+    margins: dict[str, object] = field(default_factory=dict)  # learned-margin -> SplineRidge of Δ
 
 
-def fit_q(samples: GateSamples, index: np.ndarray, groups: Sequence[str]) -> FittedQ:
+def fit_q(samples: GateSamples, index: np.ndarray, groups: Sequence[str], tau: np.ndarray | None = None) -> FittedQ:
+    """Temperature and learned estimators on ``index``; ``tau`` (aligned with ``index``: the τ these
+    samples get, out of fold) enables learned-margin, fitted on Δ = D_AI − y."""
+    from qcgate.predictors.margin import fit_spline_ridge
     from qcgate.predictors.ridge import fit_ridge
 
     temperature = 1.0 if samples.binary else fit_temperature([samples.pixel_logits[i] for i in index],
                                                             [samples.pixel_targets[i] for i in index])
     d = np.asarray(samples.dice_ai)[index]
     patients = np.asarray(samples.patients)[index]
-    ridges = {}
+    ridges: dict[str, object] = {}
+    margins: dict[str, object] = {}
     for name, names in learned_feature_names(samples, groups).items():
+        if name == LEARNED_MARGIN:
+            if tau is not None:
+                delta = d - np.asarray(samples.dsc_lesion)[index]
+                margins[name] = fit_spline_ridge(_matrix_at(samples, names, index, temperature, tau), delta, patients,
+                                                 names)
+            continue
         ridges[name] = fit_ridge(_matrix_at(samples, names, index, temperature), d, patients, names, calibrate=True)
-    return FittedQ(temperature, ridges)
+    return FittedQ(temperature, ridges, margins)
 
 
-def predict_q(fitted: FittedQ, samples: GateSamples, index: np.ndarray) -> dict[str, np.ndarray]:
+def predict_q(fitted: FittedQ, samples: GateSamples, index: np.ndarray,
+              tau: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """q of every fitted estimator on ``index``; learned-margin: q = clip(τ + Δ̂, 0, 1) with ``tau``
+    aligned with ``index`` (skipped without it)."""
     q: dict[str, np.ndarray] = {}
     if not samples.binary:
         q[PROBABILITY] = np.clip(_with_temperature(samples, index, fitted.temperature), 0, 1)
     for name, ridge in fitted.ridges.items():
         names = list(ridge.feature_names)  # type: ignore[attr-defined]
         q[name] = np.clip(ridge.predict(_matrix_at(samples, names, index, fitted.temperature)), 0, 1)  # type: ignore[attr-defined]
+    if tau is not None:
+        for name, margin in fitted.margins.items():
+            names = list(margin.feature_names)  # type: ignore[attr-defined]
+            delta = margin.predict(_matrix_at(samples, names, index, fitted.temperature, tau))  # type: ignore[attr-defined]
+            q[name] = np.clip(np.asarray(tau, dtype=np.float64) + delta, 0, 1)
     return q
 
 
@@ -370,8 +402,12 @@ class GateFit:
 
 def fit_gate(samples: GateSamples, index: np.ndarray, rows: TauRows, *, inner_folds: int = 5,
              max_missed_bad: float = 0.10, max_rejected_good: float = 0.10,
-             training: dict | None = None) -> GateFit:
-    """Fit everything on ``index`` (training samples) and the band on inner out-of-fold predictions."""
+             training: dict | None = None, given_tau: np.ndarray | None = None) -> GateFit:
+    """Fit everything on ``index`` (training samples) and the band on inner out-of-fold predictions.
+
+    τ for the band (and learned-margin's τ̂ feature): the cohort's Ridge w/o UM, out of fold (inner
+    folds), or ``given_tau`` (aligned with the samples): the threshold model's own run-time τ, when
+    the cohort was held out of that model's training (``train_gate(tau_source="model")``)."""
     from qcgate.science.ridge_cv import grouped_folds
 
     index = np.asarray(index)
@@ -382,25 +418,31 @@ def fit_gate(samples: GateSamples, index: np.ndarray, rows: TauRows, *, inner_fo
     oof_tau = np.empty(len(index))
     oof_q: dict[str, np.ndarray] = {}
     tau_errors, global_errors = [], []
-    for train, test in folds:
+    for train, test in folds:  # first τ out of fold: learned-margin trains on the τ it will see
         train_patients = set(patients[train])
         ridge = rows.fit(train_patients)
-        oof_tau[test] = ridge.predict(samples.matrix(rows.names, index[test]))  # type: ignore[attr-defined]
-        fitted = fit_q(samples, index[train], rows.groups)
-        for name, values in predict_q(fitted, samples, index[test]).items():
-            oof_q.setdefault(name, np.empty(len(index)))[test] = values
+        if given_tau is None:
+            oof_tau[test] = ridge.predict(samples.matrix(rows.names, index[test]))  # type: ignore[attr-defined]
         test_rows = np.asarray([p in set(patients[test]) for p in rows.patients])
         tau_errors.append(np.abs(ridge.predict(rows.x[test_rows]) - rows.y[test_rows]))  # type: ignore[attr-defined]
         global_errors.append(np.abs(rows.mean(train_patients) - rows.y[test_rows]))
+    if given_tau is not None:
+        oof_tau = np.asarray(given_tau, dtype=np.float64)[index]
+    for train, test in folds:
+        fitted = fit_q(samples, index[train], rows.groups, oof_tau[train])
+        for name, values in predict_q(fitted, samples, index[test], oof_tau[test]).items():
+            oof_q.setdefault(name, np.empty(len(index)))[test] = values
     estimators = {}
     oof = {}
     for name, q in oof_q.items():
         band = fit_band(oof_tau, q, bad, max_missed_bad, max_rejected_good)
         estimators[name] = QualityEstimator(name, float(np.mean(np.abs(q - d))), band, None, len(index))
         oof[name] = (oof_tau, q, bad)
-    final = fit_q(samples, index, rows.groups)
+    final = fit_q(samples, index, rows.groups, oof_tau)
     for name, ridge in final.ridges.items():
         estimators[name].ridge = ridge
+    for name, margin in final.margins.items():
+        estimators[name].margin = margin
     with_probability = [n for n in estimators if n != LEARNED_MASK]
     default = min(with_probability or list(estimators), key=lambda n: estimators[n].validation_mae)
     info = dict(training or {})
@@ -435,6 +477,22 @@ def rates(verdicts: np.ndarray, bad: np.ndarray) -> dict[str, float | None]:
         "good_rejected_pct": 100.0 * float(np.mean(verdicts[good] == "reject")) if n_good else None,
         "review_pct": 100.0 * float(np.mean(verdicts == "review")),
     }
+
+
+def auc_good_vs_bad(score: np.ndarray, bad: np.ndarray) -> float | None:
+    """AUC = P(score of a good slice > score of a bad one) + ½ P(tie) (Mann–Whitney, mid-ranks): how well
+    the score the band cuts (q − τ) separates good from bad, whatever the cut-offs. None without both classes."""
+    from scipy.stats import rankdata
+
+    score = np.asarray(score, dtype=np.float64)
+    bad = np.asarray(bad, dtype=bool)
+    keep = np.isfinite(score)
+    score, bad = score[keep], bad[keep]
+    n_good, n_bad = int((~bad).sum()), int(bad.sum())
+    if not n_good or not n_bad:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[~bad].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
 
 
 def bootstrap_cis(verdicts: np.ndarray, bad: np.ndarray, patients: np.ndarray, q_error: np.ndarray | None,
@@ -511,7 +569,7 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
             raise InputError(f"model {model.name} {model.version} has no q estimator (quality.json): "
                              "retrain it (qcgate train-gate) to evaluate the gate")
         groups = sorted({n.split(".", 1)[0] for e in estimators.estimators.values() for n in e.feature_names
-                         if n.split(".", 1)[0] not in ("prob", "ens")})
+                         if n.split(".", 1)[0] not in NON_MASK_PREFIXES})
         samples = build_gate_samples(cohort, ai=ai, seed=seed, position_map=model.position_map, groups=groups,
                                      model=model, progress=say)
     n = len(samples)
@@ -536,7 +594,7 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
             fit = fit_gate(samples, train, rows, max_missed_bad=max_missed_bad, max_rejected_good=max_rejected_good)
             tau = fit.tau_ridge.predict(samples.matrix(rows.names, test))  # type: ignore[attr-defined]
             tau_all[test] = tau
-            for name, values in predict_q(fit.q, samples, test).items():
+            for name, values in predict_q(fit.q, samples, test, tau).items():
                 q_values.setdefault(name, np.empty(n))[test] = values
                 band = fit.estimators.estimators[name].band
                 bands_seen.setdefault(name, []).append(band)
@@ -559,10 +617,12 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
         estimators = model.q_estimators
         index = np.arange(n)
         fitted = FittedQ(estimators.temperature, {k: e.ridge for k, e in estimators.estimators.items()
-                                                  if e.ridge is not None})
+                                                  if e.ridge is not None},
+                         {k: e.margin for k, e in estimators.estimators.items() if e.margin is not None})
         if samples.binary:
             fitted.ridges = {k: v for k, v in fitted.ridges.items() if k == LEARNED_MASK}
-        available = predict_q(fitted, samples, index)
+            fitted.margins = {}
+        available = predict_q(fitted, samples, index, tau_all)
         for name, values in available.items():
             if name not in estimators.estimators:
                 continue
@@ -588,14 +648,16 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
                  "reject_below": [b.reject_below if math.isfinite(b.reject_below) else None for b in bands_seen[name]],
                  "accept_impossible_pct": 100.0 * float(np.mean(tau_all + band.accept_at > 1.0))
                  if math.isfinite(band.accept_at) else 100.0}
+        extra["auc"] = auc_good_vs_bad(q_values[name] - tau_all, bad)
         result_rows.append(_row(f"τ + {name} q, conformal band", name, verdicts[name], bad, q_values[name], d,
                                 patients, seed, band.method, extra))
     if has_agreement:
         result_rows.append(_row(GLOBAL_BASELINE, "ensemble-agreement", base_global, bad, agreement, d, patients, seed,
                                 "q >= tau ± m, tau = training mean, m = its validation MAE",
-                                {"margin": global_margin}))
+                                {"margin": global_margin, "auc": auc_good_vs_bad(agreement, bad)}))
         result_rows.append(_row(TAU_BASELINE, "ensemble-agreement", base_tau, bad, agreement, d, patients, seed,
-                                "q >= tau ± m, m = tau's validation MAE", {"margin": tau_margin}))
+                                "q >= tau ± m, m = tau's validation MAE",
+                                {"margin": tau_margin, "auc": auc_good_vs_bad(agreement - tau_all, bad)}))
     sweep = {name: [_sweep_point(v, bad, t) for t, v in sorted(points.items())]
              for name, points in sweep_verdicts.items()}
     info.update({"n_samples": n, "n_patients": int(len(set(samples.patients))), "simulated_misses": samples.missed,
@@ -638,15 +700,16 @@ def _fmt(value, ci=None) -> str:
 
 
 def markdown_rows(result: GateEvaluation) -> str:
-    lines = ["| Method | q source | Bad caught % | Bad missed % | Good accepted % | Review % | q MAE | slices (bad/good) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | q source | Bad caught % | Bad missed % | Good accepted % | Review % | q MAE | AUC of q − τ | slices (bad/good) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         q_mae = "n/a" if r["q_mae"] is None else f"{r['q_mae']:.3f}" + (
             f" [{r['q_mae_ci'][0]:.3f}, {r['q_mae_ci'][1]:.3f}]" if r.get("q_mae_ci") else "")
         lines.append(f"| {r['method']} | {r['q_source']} | {_fmt(r['bad_caught_pct'], r.get('bad_caught_pct_ci'))} | "
                      f"{_fmt(r['bad_missed_pct'], r.get('bad_missed_pct_ci'))} | "
                      f"{_fmt(r['good_accepted_pct'], r.get('good_accepted_pct_ci'))} | "
-                     f"{_fmt(r['review_pct'], r.get('review_pct_ci'))} | {q_mae} | {r['n_slices']} ({r['n_bad']}/{r['n_good']}) |")
+                     f"{_fmt(r['review_pct'], r.get('review_pct_ci'))} | {q_mae} | "
+                     f"{'n/a' if r.get('auc') is None else format(r['auc'], '.3f')} | {r['n_slices']} ({r['n_bad']}/{r['n_good']}) |")
     return "\n".join(lines)
 
 
@@ -729,27 +792,62 @@ def _tradeoff_plot(result: GateEvaluation, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+TAU_SOURCES = ("auto", "cross-fitted", "model")
+
+
+def runtime_tau_is_plain_ridge(model) -> bool:
+    """True when the model's run-time τ is a Ridge w/o UM (what ``cross-fitted`` refits in inner folds)."""
+    return model.kind == "ridge" and not model.has_uncertainty_variant
+
+
 def train_gate(model_dir: Path, cohort: Cohort, *, ai: str = "simulated", seed: int = 0, inner_folds: int = 5,
                max_missed_bad: float = 0.10, max_rejected_good: float = 0.10, command: str = "",
-               workers: int | None = 1, progress: Callable[[str], None] | None = None) -> QualityEstimators:
+               workers: int | None = 1, tau_source: str = "auto",
+               progress: Callable[[str], None] | None = None) -> QualityEstimators:
     """Fit the q estimators and their bands on ``cohort`` and store them in ``model_dir`` as
-    quality.json (hashed in the manifest; the model card gains a section)."""
+    quality.json (hashed in the manifest; the model card gains a section).
+
+    The band must be fitted on the τ the model gives at run time. ``tau_source``:
+
+    * ``cross-fitted``: the cohort's median-calibrated Ridge w/o UM, out of fold (inner folds): the
+      same procedure as a ``ridge`` model, which may be trained on this very cohort;
+    * ``model``: the model's own run-time τ (its ensemble, with the UM variant when the AI has ≥ 2
+      members), computed on the AI segmentation as the worker does. The cohort must be held out of
+      the model's τ training (else τ is in-sample and the band too narrow): refused when the cohort
+      is the model's training cohort;
+    * ``auto``: ``cross-fitted`` for a Ridge w/o UM, ``model`` otherwise.
+    """
     from qcgate.predictors import load_model
     from qcgate.predictors.artifacts import MANIFEST, write_manifest
 
     say = progress or (lambda message: None)
+    if tau_source not in TAU_SOURCES:
+        raise InputError(f"--tau must be one of {TAU_SOURCES}, got {tau_source!r}")
     model = load_model(model_dir)
+    if tau_source == "auto":
+        tau_source = "cross-fitted" if runtime_tau_is_plain_ridge(model) else "model"
+    trained_on = str(model.manifest.get("training", {}).get("cohort", ""))
+    if tau_source == "model" and trained_on and trained_on == cohort.name:
+        raise InputError(f"{cohort.name} is the cohort {model.name} was trained on: its τ there is in-sample, so a band "
+                         "fitted on it would be too narrow; train the gate on a held-out cohort (e.g. another phantom "
+                         "seed) or pass --tau cross-fitted")
     rows = tau_rows(cohort, workers=workers)
-    if list(rows.names) != list(model.ridge.feature_names if model.ridge is not None else rows.names):  # type: ignore[union-attr]
+    if tau_source == "cross-fitted" and list(rows.names) != list(
+            model.ridge.feature_names if model.ridge is not None else rows.names):  # type: ignore[union-attr]
         say("note: the cohort's tau features differ from the model's Ridge; the band uses the cohort's Ridge")
     started = time.monotonic()
-    samples = build_gate_samples(cohort, ai=ai, seed=seed, position_map=rows.position_map, groups=rows.groups,
-                                 progress=say)
+    use_model = tau_source == "model"
+    samples = build_gate_samples(cohort, ai=ai, seed=seed,
+                                 position_map=model.position_map if use_model else rows.position_map,
+                                 groups=rows.groups, model=model if use_model else None, progress=say)
     say(f"{len(samples)} samples in {time.monotonic() - started:.0f} s; fitting")
+    tau_for_band = ("median-calibrated Ridge w/o UM on the cohort's plain groups, inner CV" if not use_model else
+                    f"the model's run-time tau ({model.describe(use_uncertainty=samples.n_members >= 2)}) on the AI "
+                    "segmentation, cohort held out of its training")
     fit = fit_gate(samples, np.arange(len(samples)), rows, inner_folds=inner_folds, max_missed_bad=max_missed_bad,
-                   max_rejected_good=max_rejected_good,
-                   training={"cohort": cohort.name, "seed": seed, "command": command,
-                             "tau_for_band": "median-calibrated Ridge w/o UM on the cohort's plain groups, inner CV"})
+                   max_rejected_good=max_rejected_good, given_tau=np.asarray(samples.model_tau) if use_model else None,
+                   training={"cohort": cohort.name, "seed": seed, "command": command, "tau_source": tau_source,
+                             "tau_for_band": tau_for_band})
     estimators = fit.estimators
     directory = Path(model_dir)
     (directory / "quality.json").write_text(estimators.to_json())
