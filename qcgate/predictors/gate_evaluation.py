@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from qcgate.cohort.model import Case, Cohort
-from qcgate.core.agreement import dice_against_experts
+from qcgate.core.agreement import dice, dice_against_experts
 from qcgate.errors import InputError
 from qcgate.predictors.band import DecisionBand, fit_band
 from qcgate.predictors.margin import TAU_FEATURE
@@ -104,6 +104,10 @@ class GateSamples:
     pixel_logits: list[np.ndarray] = field(default_factory=list)
     pixel_targets: list[np.ndarray] = field(default_factory=list)
     model_tau: list[float] = field(default_factory=list)  # with --model: the model's tau
+    # For the oracle ceilings (never features): Dice of the AI with the outline it replaced (simulated
+    # AI; NaN otherwise) and the number of readers who drew on the slice.
+    replaced_dice: list[float] = field(default_factory=list)
+    n_readers: list[int] = field(default_factory=list)
     missed: int = 0
     ai_source: str = "simulated"
     binary: bool = False
@@ -175,7 +179,7 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
         second = build_gate_samples(cohort, ai="simulated", seed=seed, position_map=position_map, groups=groups,
                                     model=model, members=members, progress=progress)
         for name in ("patients", "case_ids", "slice_indices", "dice_ai", "dsc_lesion", "kinds", "confidence",
-                     "features", "grids", "pixel_logits", "pixel_targets", "model_tau"):
+                     "features", "grids", "pixel_logits", "pixel_targets", "model_tau", "replaced_dice", "n_readers"):
             getattr(first, name).extend(getattr(second, name))
         first.missed += second.missed
         first.ai_source = ai
@@ -198,12 +202,14 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
                 continue
             masks, image, lung, case_members, offset = _slice_arrays(case, k, PAD_PX)
             draws: list[tuple[np.ndarray, np.ndarray | None, list[np.ndarray], str, str, bool]] = []
+            replaced: np.ndarray | None = None
             if ai == "simulated":
                 rng = np.random.default_rng([seed, number, k])
                 simulated = simulate_ai(masks, rng, members=members)
                 if simulated is None:
                     continue
                 experts = [m for i, m in enumerate(masks) if i != simulated.template]
+                replaced = masks[simulated.template]
                 draws.append((simulated.probability, simulated.members, experts, simulated.kind,
                               simulated.confidence, False))
             elif ai == "members":
@@ -236,6 +242,8 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
                 out.kinds.append(kind)
                 out.confidence.append(confidence)
                 out.features.append(features)
+                out.replaced_dice.append(math.nan if replaced is None else float(dice(ai_mask, replaced) or 0.0))
+                out.n_readers.append(int(sum(bool(m.any()) for m in masks)))
                 if binary:
                     out.grids.append(np.ones(len(TEMPERATURE_GRID)))
                     out.pixel_logits.append(np.zeros(0, np.float32))
@@ -663,6 +671,7 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
     info.update({"n_samples": n, "n_patients": int(len(set(samples.patients))), "simulated_misses": samples.missed,
                  "dsc_lesion_mean": float(np.mean(samples.dsc_lesion)), "dice_ai_mean": float(d.mean())})
     if ai == "simulated":
+        info["oracle_auc"] = oracle_aucs(samples)
         kinds = np.asarray(samples.kinds)
         conf = np.asarray(samples.confidence)
         info["by_kind"] = {k: {"n": int((kinds == k).sum()), "bad_pct": 100.0 * float(bad[kinds == k].mean())}
@@ -673,9 +682,31 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
     per_slice = {"patient_id": list(samples.patients), "case_id": list(samples.case_ids),
                  "slice_index": list(samples.slice_indices), "dice_ai": list(d), "dsc_lesion": list(samples.dsc_lesion),
                  "tau": list(tau_all), "kind": list(samples.kinds), "confidence": list(samples.confidence),
+                 "n_readers": list(samples.n_readers), "replaced_dice": list(samples.replaced_dice),
                  **{f"q_{k}": list(v) for k, v in q_values.items()}, **{f"verdict_{k}": list(v) for k, v in verdicts.items()}}
     return GateEvaluation(cohort.name, cohort.synthetic or bool(model is not None and model.synthetic), setting, ai,
                           seed, result_rows, sweep, info, per_slice)
+
+
+def oracle_aucs(samples: GateSamples) -> dict[str, float | None]:
+    """Ceilings for any q estimator (simulated AI; the oracles see what no estimator can):
+
+    * ``replaced_outline_dice``: AUC of Dice(AI, the outline it replaced), the AI's exact damage;
+    * ``readers_and_damage_decile_in_sample``: AUC of P(good | readers on the slice, damage decile),
+      tabulated on these very slices (in-sample: an optimistic bound on what both would give).
+    """
+    bad = samples.truth_bad
+    damage = np.asarray(samples.replaced_dice, dtype=np.float64)
+    readers = np.asarray(samples.n_readers)
+    if not np.isfinite(damage).all():
+        return {}
+    deciles = np.digitize(damage, np.quantile(damage, np.linspace(0, 1, 11)[1:-1]))
+    table: dict[tuple[int, int], list[bool]] = {}
+    for r, b, good in zip(readers, deciles, ~bad):
+        table.setdefault((int(r), int(b)), []).append(bool(good))
+    tabulated = np.asarray([np.mean(table[(int(r), int(b))]) for r, b in zip(readers, deciles)])
+    return {"replaced_outline_dice": auc_good_vs_bad(damage, bad),
+            "readers_and_damage_decile_in_sample": auc_good_vs_bad(tabulated, bad)}
 
 
 def _global_mae(model) -> float:
@@ -720,7 +751,13 @@ def text_summary(result: GateEvaluation) -> str:
             f"{info['n_samples']} slices, {info['n_patients']} patients; mean DSC Lesion {info['dsc_lesion_mean']:.3f}, "
             f"mean Dice(AI, experts) {info['dice_ai_mean']:.3f}; targets: missed bad <= {info['max_missed_bad']:.0%}, "
             f"rejected good <= {info['max_rejected_good']:.0%}; 95 % patient-bootstrap CIs in brackets")
-    return head + "\n" + markdown_rows(result)
+    text = head + "\n\n" + markdown_rows(result)
+    oracle = info.get("oracle_auc") or {}
+    if oracle.get("replaced_outline_dice") is not None:
+        text += (f"\n\nCeilings (oracles, not estimators): AUC of Dice(AI, the outline it replaced) "
+                 f"{oracle['replaced_outline_dice']:.3f}; of P(good | readers on the slice, damage decile), in-sample "
+                 f"{oracle['readers_and_damage_decile_in_sample']:.3f}")
+    return text
 
 
 def write_gate_outputs(result: GateEvaluation, out: Path, *, command: str = "") -> dict[str, Path]:
