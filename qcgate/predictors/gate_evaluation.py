@@ -25,8 +25,15 @@ Rows: each q estimator with its conformal band, and two baselines with today's r
 ensemble agreement, margin = tau's validation MAE): "global threshold + raw ensemble agreement"
 (tau = the training mean) and "τ + raw ensemble agreement". Rates (percent): bad caught = rejected
 bad / bad; bad missed = accepted bad / bad; good accepted = accepted good / good; review = review /
-all; q MAE = mean |q − D_AI|. 95 % CIs: patient bootstrap (resample patients with replacement,
-``BOOTSTRAP`` times, percentiles 2.5/97.5).
+all; q MAE = mean |q − D_AI|; AUC = P(x_good > x_bad) + ½ P(tie) for the score x = q − τ the band cuts
+(``auc_good_vs_bad``). 95 % CIs: patient bootstrap (resample patients with replacement, ``BOOTSTRAP``
+times, percentiles 2.5/97.5).
+
+``learned-margin`` (``qcgate.predictors.margin``) is fitted on Δ = D_AI − y with τ̂ as a feature: in the
+inner folds the τ̂ of a sample is the out-of-fold τ (what a new patient gets), and q = clip(τ̂ + Δ̂, 0, 1).
+
+With ``--ai simulated`` the info carries ``oracle_auc`` (``oracle_aucs``): what separating good from bad
+would reach with knowledge no estimator has (the AI's exact damage; the number of readers on the slice).
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ Model (an additive spline Ridge, stored as JSON; never pickled):
 * z = (h − μ) / σ, Δ̂(x) = b + wᵀz, (w, b) = argmin Σ (Δ − b − wᵀz)² + α‖w‖², α from ``ALPHAS`` by
   the lowest MAE of an inner patient-grouped CV (no clipping: Δ ∈ [−1, 1]).
 
-Measured against the alternatives on the LIDC train/held-out split (docs/SCIENCE.md, "The verdict"):
-a plain Ridge on Δ, a logistic classifier of good/bad and a gradient-boosted tree (scikit-learn, 200
-trees of depth 3) gave AUCs 0.547, 0.573 and 0.560 against 0.563 for this model; the tree cannot be
-stored without pickle or a hand-written exporter, and it did not validate better.
+Measured against the alternatives on the LIDC train/held-out split (``bench/gate_margin_models.py``;
+docs/SCIENCE.md, "The verdict"): a plain Ridge on Δ, a logistic classifier of good/bad and a
+gradient-boosted tree (scikit-learn, 200 trees of depth 3) gave held-out AUCs 0.547, 0.573 and 0.560
+against 0.566 for this model; the tree cannot be stored without pickle or a hand-written exporter, and
+it did not validate better.
 """
 
 from __future__ import annotations
