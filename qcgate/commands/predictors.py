@@ -113,6 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             sub.add_argument("--out", type=Path, default=None, help="gate.json, gate.md, gate_slices.csv, gate_tradeoff.png")
             sub.set_defaults(handler=run_evaluate_gate)
         else:
+            sub.add_argument("--tau", choices=("auto", "cross-fitted", "model"), default="auto", dest="tau_source",
+                             help="the tau the band is fitted on: cross-fitted (the cohort's Ridge w/o UM, out of "
+                             "fold: right for a ridge model trained on this cohort), model (the model's own run-time "
+                             "tau, ensemble and UM included: the cohort must be held out of its training) or auto "
+                             "(cross-fitted for a Ridge w/o UM, else model; default)")
             sub.set_defaults(handler=run_train_gate)
 
 
@@ -242,7 +247,7 @@ def _gate_command_line(args: argparse.Namespace) -> str:
     for attribute, flag in (("model_dir", "--model"), ("ai", "--ai"), ("seed", "--seed"), ("folds", "--folds"),
                             ("max_missed_bad", "--max-missed-bad"), ("max_rejected_good", "--max-rejected-good"),
                             ("part", "--patients"), ("holdout_fraction", "--holdout-fraction"),
-                            ("split_seed", "--split-seed"), ("max_patients", "--max-patients"),
+                            ("split_seed", "--split-seed"), ("max_patients", "--max-patients"), ("tau_source", "--tau"),
                             ("out", "--out")):
         value = getattr(args, attribute, None)
         if value is not None:
@@ -287,7 +292,8 @@ def run_train_gate(args: argparse.Namespace) -> int:
     cohort = _gate_cohort(args)
     estimators = train_gate(args.model_dir, cohort, ai=args.ai, seed=args.seed, max_missed_bad=args.max_missed_bad,
                             max_rejected_good=args.max_rejected_good, command=_gate_command_line(args),
-                            workers=args.workers, progress=EvaluationProgress(enabled=not args.quiet))
+                            workers=args.workers, tau_source=args.tau_source,
+                            progress=EvaluationProgress(enabled=not args.quiet))
     print(f"q estimators of {args.model_dir} (temperature {estimators.temperature:.3f}; default {estimators.default}):")
     for name, estimator in estimators.estimators.items():
         print(f"  {name}: validation MAE {estimator.validation_mae:.3f}; {estimator.band.describe()}")  # type: ignore[attr-defined]

@@ -169,7 +169,8 @@ def _audit_case(args: argparse.Namespace) -> int:
             case_columns = {key: detail[key] for key in ("case_id", "ct_series_uid", "state", "series_verdict", "model", "q_source", "reason")}
             rows = [{**case_columns, **{k: v for k, v in s.items() if k != "key_features"},
                      "key_features": json.dumps(s["key_features"])} for s in detail["slices"]]
-            columns = list(case_columns) + ["instance_number", "z_mm", "slice_index", "sop_instance_uid", "tau", "q", "margin", "verdict", "lesion_area_mm2", "um_mean", "key_features"]
+            # the slice's own q_source (migration 0009) replaces the case's in its row
+            columns = list(case_columns) + ["instance_number", "z_mm", "slice_index", "sop_instance_uid", "tau", "q", "margin", "margin_reject", "verdict", "review_reason", "lesion_area_mm2", "um_mean", "key_features"]
             print_rows(rows, columns, "csv", out)
             return 0
         print(f"case {detail['case_id']}: {detail['state']}; series verdict {detail['series_verdict'] or '-'}; model {detail['model'] or '-'}; q from {detail['q_source'] or '-'}", file=out)
@@ -181,7 +182,10 @@ def _audit_case(args: argparse.Namespace) -> int:
         if detail["job"] and detail["job"]["error"]:
             print(f"  job error: {detail['job']['error']}", file=out)
         rows = [{**s, "key_features": ", ".join(f"{k}={v:.3g}" for k, v in list(s["key_features"].items())[:3])} for s in detail["slices"]]
-        print_rows(rows, ["instance_number", "z_mm", "tau", "q", "margin", "verdict", "lesion_area_mm2", "key_features"], args.format, out)
+        reasons = sorted({s["review_reason"] for s in detail["slices"] if s["review_reason"]})
+        for reason in reasons:
+            print(f"  review forced: {reason}", file=out)
+        print_rows(rows, ["instance_number", "z_mm", "tau", "q", "q_source", "margin", "margin_reject", "verdict", "lesion_area_mm2", "key_features"], args.format, out)
         print_rows(detail["deliveries"], ["kind", "destination", "state", "attempts", "last_error"], args.format, out)
     return 0
 

@@ -27,6 +27,11 @@ class Verdict(str, enum.Enum):
     REJECT = "reject"
 
 
+#: q sources that are not a model's q estimator (whose names are ``qcgate.predictors.quality.ESTIMATORS``).
+Q_SOURCE_REFERENCE = "reference"  # q = Dice of the AI against a reader's SEG in the case
+Q_SOURCE_NONE = "none"  # q unknown: the model has no q estimator, or none applies to the input
+
+
 def slice_verdict(tau: float, q: float | None, margin: float | None, reject_margin: float | None = None) -> Verdict:
     """accept if q ≥ τ + m_a; reject if q < τ − m_r; review otherwise or when q (or the margin) is
     unknown. m_a = ``margin``; m_r = ``reject_margin`` (default ``margin``: the symmetric rule). With
@@ -59,6 +64,7 @@ class SliceResult:
     uncertainty_map: np.ndarray | None = None  # 2-D pixel-wise std of the members on this slice
     margin_reject: float | None = None  # m_reject: reject if q < tau - margin_reject (None: = margin)
     reason: str = ""  # why review was forced (out of domain, no q estimator), "" otherwise
+    q_source: str = Q_SOURCE_NONE  # where q came from: an estimator's name, Q_SOURCE_REFERENCE or Q_SOURCE_NONE
 
     @property
     def accept_at(self) -> float | None:
@@ -83,7 +89,7 @@ class CaseResult:
     series_policy: str  # the stated policy, in words, e.g. "reject if any slice is rejected, ..."
     model_name: str
     model_version: str
-    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "reference" | "none"
+    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "learned-margin" | "reference" | "none"
     n_members: int
     uses_uncertainty: bool
     notes: list[str] = field(default_factory=list)  # e.g. "one member: no uncertainty map"

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcgate.core.results import Q_SOURCE_NONE, Q_SOURCE_REFERENCE
+
 NO_ESTIMATOR_REASON = ("the model {model} has no q estimator (trained before quality.json existed): q is unknown, "
                        "every slice goes to review; retrain it with qcgate train-gate")
 
@@ -31,13 +33,15 @@ NO_ESTIMATOR_REASON = ("the model {model} has no q estimator (trained before qua
 class CaseQuality:
     """q per lesion slice and the rule that turns (tau, q) into a verdict."""
 
-    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "reference" | "none"
+    q_source: str  # "probability" | "learned" | "learned-um" | "learned-mask" | "learned-margin" | "reference" | "none"
     q: list[float | None]
     q_validation_mae: float | None  # the estimator's validation MAE (None: reference / none)
     margin_accept: float | None  # accept if q >= tau + margin_accept
     margin_reject: float | None  # reject if q < tau - margin_reject
     rule: str  # the rule and its numbers, in words (SR, report)
     notes: list[str] = field(default_factory=list)
+    # why every slice is forced to review (no q estimator, none applies); empty when q is known
+    review_reasons: list[str] = field(default_factory=list)
 
 
 def is_binary_member(member) -> bool:
@@ -55,24 +59,27 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
     """q and the band of every lesion slice (see the module docstring). ``extracted``: per lesion slice,
     the features already extracted for tau; the q estimator reuses them when they hold all it needs."""
     from qcgate.core.agreement import dice
+    from qcgate.predictors.margin import TAU_FEATURE
 
     if references:
         margin = settings.margin if settings.margin is not None else fallback_margin
         q = [dice(mean[k] >= 0.5, references[0].probability[k] >= 0.5) for k in lesion_slices]
-        return CaseQuality("reference", q, None, margin, margin,
+        return CaseQuality(Q_SOURCE_REFERENCE, q, None, margin, margin,
                            f"accept if q >= tau + {margin:.3f}, reject if q < tau - {margin:.3f} (q = Dice against the "
                            "reference reader's SEG; margin = tau's validation MAE)",
                            ["q is the Dice of the AI segmentation against the reference reader's SEG"])
     estimators = getattr(model, "q_estimators", None)
     if estimators is None:
         reason = NO_ESTIMATOR_REASON.format(model=f"{model.name} {model.version}")
-        return CaseQuality("none", [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason])
+        return CaseQuality(Q_SOURCE_NONE, [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason],
+                           [reason])
     binary = all(is_binary_member(m) for m in ensemble)
     name = estimators.choose(has_probability=not binary, n_members=len(ensemble))
     if name is None:
         reason = ("no q estimator of the model applies to this input (" +
                   ("BINARY members: no probabilities" if binary else f"{len(ensemble)} member(s)") + "): review")
-        return CaseQuality("none", [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason])
+        return CaseQuality(Q_SOURCE_NONE, [None] * len(lesion_slices), None, None, None, "review (q unknown)", [reason],
+                           [reason])
     estimator = estimators.estimators[name]
     band = estimator.band
     targets = (settings.max_missed_bad, settings.max_rejected_good)
@@ -88,6 +95,8 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
         features = _features(estimator, estimators.temperature, model, mean[k].astype(np.float32),
                              np.stack([m.probability[k].astype(np.float32) for m in ensemble]) if len(ensemble) >= 2 else None,
                              ct, k, binary, extracted[position] if extracted is not None and position < len(extracted) else None)
+        if estimator.uses_tau:  # learned-margin: q = tau + the estimated margin, on this slice's tau
+            features[TAU_FEATURE] = taus[position]
         values.append(estimator.estimate(features))
     rule = f"q source {name} (validation MAE {estimator.validation_mae:.3f}); {band.describe()}"
     return CaseQuality(name, values, estimator.validation_mae, band.margin_accept, band.margin_reject, rule, notes)
@@ -95,10 +104,10 @@ def slice_quality(model, ensemble, references, mean: np.ndarray, lesion_slices: 
 
 def _features(estimator, temperature: float, model, probability: np.ndarray, members, ct, k: int,
               binary: bool, extracted: dict[str, float] | None = None) -> dict[str, float]:
-    from qcgate.predictors.quality import slice_quality_features
+    from qcgate.predictors.quality import NON_MASK_PREFIXES, slice_quality_features
 
-    groups = sorted({n.split(".", 1)[0] for n in estimator.feature_names} - {"prob", "ens"}) or ["geometry"]
-    mask_features = [n for n in estimator.feature_names if n.split(".", 1)[0] not in ("prob", "ens")]
+    groups = sorted({n.split(".", 1)[0] for n in estimator.feature_names} - set(NON_MASK_PREFIXES)) or ["geometry"]
+    mask_features = [n for n in estimator.feature_names if n.split(".", 1)[0] not in NON_MASK_PREFIXES]
     if extracted and groups == ["geometry"] and all(n in extracted for n in mask_features):
         # The AI mask's geometry was already extracted for tau (same mask, spacing and position map):
         # only the probability and ensemble metrics are computed here.

@@ -148,7 +148,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
                             float(model.validation_mae_for(use_uncertainty)),
                             extracted=[a.features for a in assessments])
     notes.extend(quality.notes)
-    reasons = [n for n in quality.notes if "review" in n]
+    reasons = list(quality.review_reasons)
     domain = domain_problems(ct, model, lung_found, lesion_slices) if lesion_slices else []
     if domain:
         reasons.extend(f"out of the model's domain: {p}" for p in domain)
@@ -172,6 +172,7 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
             margin=quality.margin_accept, verdict=verdict, lesion_area_mm2=float(consensus[k].sum() * pixel_area),
             uncertainty=metrics, key_features=assessments[position].key_features,
             uncertainty_map=uncertainty_map, margin_reject=quality.margin_reject, reason="; ".join(reasons),
+            q_source=quality.q_source,
         ))
     verdict, policy = series_verdict([s.verdict for s in slices], settings)
     timer.lap("verdicts")
@@ -261,6 +262,7 @@ def _record_success(session: Session, job: Job, case: Case, result: CaseResult, 
         session.add(SliceResultRecord(
             case_id=case.id, job_id=job.id, sop_instance_uid=str(item.source_image.SOPInstanceUID),
             slice_index=item.slice_index, tau=item.tau, q=item.q, margin=_finite(item.margin), verdict=item.verdict.value,
+            q_source=item.q_source, margin_reject=None if item.margin_reject is None else _finite(item.margin_reject), review_reason=item.reason or None,
             lesion_area_mm2=item.lesion_area_mm2,
             um_mean=(item.uncertainty or {}).get("um_mean"), um_p90=(item.uncertainty or {}).get("um_p90"),
             key_features=json.dumps(item.key_features) if item.key_features else None,

@@ -25,8 +25,15 @@ Rows: each q estimator with its conformal band, and two baselines with today's r
 ensemble agreement, margin = tau's validation MAE): "global threshold + raw ensemble agreement"
 (tau = the training mean) and "τ + raw ensemble agreement". Rates (percent): bad caught = rejected
 bad / bad; bad missed = accepted bad / bad; good accepted = accepted good / good; review = review /
-all; q MAE = mean |q − D_AI|. 95 % CIs: patient bootstrap (resample patients with replacement,
-``BOOTSTRAP`` times, percentiles 2.5/97.5).
+all; q MAE = mean |q − D_AI|; AUC = P(x_good > x_bad) + ½ P(tie) for the score x = q − τ the band cuts
+(``auc_good_vs_bad``). 95 % CIs: patient bootstrap (resample patients with replacement, ``BOOTSTRAP``
+times, percentiles 2.5/97.5).
+
+``learned-margin`` (``qcgate.predictors.margin``) is fitted on Δ = D_AI − y with τ̂ as a feature: in the
+inner folds the τ̂ of a sample is the out-of-fold τ (what a new patient gets), and q = clip(τ̂ + Δ̂, 0, 1).
+
+With ``--ai simulated`` the info carries ``oracle_auc`` (``oracle_aucs``): what separating good from bad
+would reach with knowledge no estimator has (the AI's exact damage; the number of readers on the slice).
 """
 
 from __future__ import annotations
@@ -43,12 +50,14 @@ from pathlib import Path
 import numpy as np
 
 from qcgate.cohort.model import Case, Cohort
-from qcgate.core.agreement import dice_against_experts
+from qcgate.core.agreement import dice, dice_against_experts
 from qcgate.errors import InputError
 from qcgate.predictors.band import DecisionBand, fit_band
+from qcgate.predictors.margin import TAU_FEATURE
 from qcgate.predictors.quality import (
-    ESTIMATORS, LEARNED, LEARNED_MASK, LEARNED_UM, PROBABILITY, TEMPERATURE_GRID, QualityEstimator,
-    QualityEstimators, fit_temperature, pixel_sample, slice_quality_features, soft_dice_at, soft_dice_grid,
+    ESTIMATORS, LEARNED, LEARNED_MARGIN, LEARNED_MASK, LEARNED_UM, NON_MASK_PREFIXES, PROBABILITY, TEMPERATURE_GRID,
+    QualityEstimator, QualityEstimators, fit_temperature, pixel_sample, slice_quality_features, soft_dice_at,
+    soft_dice_grid,
 )
 
 AI_SOURCES = ("simulated", "members", "leave-one-reader-out", "members+simulated")
@@ -102,6 +111,10 @@ class GateSamples:
     pixel_logits: list[np.ndarray] = field(default_factory=list)
     pixel_targets: list[np.ndarray] = field(default_factory=list)
     model_tau: list[float] = field(default_factory=list)  # with --model: the model's tau
+    # For the oracle ceilings (never features): Dice of the AI with the outline it replaced (simulated
+    # AI; NaN otherwise) and the number of readers who drew on the slice.
+    replaced_dice: list[float] = field(default_factory=list)
+    n_readers: list[int] = field(default_factory=list)
     missed: int = 0
     ai_source: str = "simulated"
     binary: bool = False
@@ -173,7 +186,7 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
         second = build_gate_samples(cohort, ai="simulated", seed=seed, position_map=position_map, groups=groups,
                                     model=model, members=members, progress=progress)
         for name in ("patients", "case_ids", "slice_indices", "dice_ai", "dsc_lesion", "kinds", "confidence",
-                     "features", "grids", "pixel_logits", "pixel_targets", "model_tau"):
+                     "features", "grids", "pixel_logits", "pixel_targets", "model_tau", "replaced_dice", "n_readers"):
             getattr(first, name).extend(getattr(second, name))
         first.missed += second.missed
         first.ai_source = ai
@@ -196,12 +209,14 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
                 continue
             masks, image, lung, case_members, offset = _slice_arrays(case, k, PAD_PX)
             draws: list[tuple[np.ndarray, np.ndarray | None, list[np.ndarray], str, str, bool]] = []
+            replaced: np.ndarray | None = None
             if ai == "simulated":
                 rng = np.random.default_rng([seed, number, k])
                 simulated = simulate_ai(masks, rng, members=members)
                 if simulated is None:
                     continue
                 experts = [m for i, m in enumerate(masks) if i != simulated.template]
+                replaced = masks[simulated.template]
                 draws.append((simulated.probability, simulated.members, experts, simulated.kind,
                               simulated.confidence, False))
             elif ai == "members":
@@ -234,6 +249,8 @@ def build_gate_samples(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, 
                 out.kinds.append(kind)
                 out.confidence.append(confidence)
                 out.features.append(features)
+                out.replaced_dice.append(math.nan if replaced is None else float(dice(ai_mask, replaced) or 0.0))
+                out.n_readers.append(int(sum(bool(m.any()) for m in masks)))
                 if binary:
                     out.grids.append(np.ones(len(TEMPERATURE_GRID)))
                     out.pixel_logits.append(np.zeros(0, np.float32))
@@ -282,6 +299,8 @@ def learned_feature_names(samples: GateSamples, groups: Sequence[str]) -> dict[s
         names[LEARNED] = base + prob
         if ens:
             names[LEARNED_UM] = base + prob + ens
+        # the margin Δ = D_AI − y from learned-um's features (or learned's, without members) plus τ̂
+        names[LEARNED_MARGIN] = base + prob + ens + [TAU_FEATURE]
     return names
 
 
@@ -290,10 +309,19 @@ def _with_temperature(samples: GateSamples, index: np.ndarray, temperature: floa
     return np.asarray([soft_dice_at(samples.grids[i], temperature) for i in index])
 
 
-def _matrix_at(samples: GateSamples, names: Sequence[str], index: np.ndarray, temperature: float) -> np.ndarray:
-    x = samples.matrix(names, index)
-    if "prob.soft_dice" in names and not samples.binary:
-        x[:, list(names).index("prob.soft_dice")] = _with_temperature(samples, index, temperature)
+def _matrix_at(samples: GateSamples, names: Sequence[str], index: np.ndarray, temperature: float,
+               tau: np.ndarray | None = None) -> np.ndarray:
+    """Feature rows of ``index``; prob.soft_dice at ``temperature``; ``tau.value`` from ``tau`` (aligned
+    with ``index``)."""
+    names = list(names)
+    plain = [n for n in names if n != TAU_FEATURE]
+    x = samples.matrix(plain, index)
+    if "prob.soft_dice" in plain and not samples.binary:
+        x[:, plain.index("prob.soft_dice")] = _with_temperature(samples, index, temperature)
+    if TAU_FEATURE in names:
+        if tau is None:
+            raise ValueError("the learned-margin features need tau")
+        x = np.insert(x, names.index(TAU_FEATURE), np.asarray(tau, dtype=np.float64), axis=1)
     return x
 
 
@@ -301,28 +329,47 @@ def _matrix_at(samples: GateSamples, names: Sequence[str], index: np.ndarray, te
 class FittedQ:
     temperature: float
     ridges: dict[str, object]  # learned estimator -> RidgeModel
+    margins: dict[str, object] = field(default_factory=dict)  # learned-margin -> SplineRidge of Δ
 
 
-def fit_q(samples: GateSamples, index: np.ndarray, groups: Sequence[str]) -> FittedQ:
+def fit_q(samples: GateSamples, index: np.ndarray, groups: Sequence[str], tau: np.ndarray | None = None) -> FittedQ:
+    """Temperature and learned estimators on ``index``; ``tau`` (aligned with ``index``: the τ these
+    samples get, out of fold) enables learned-margin, fitted on Δ = D_AI − y."""
+    from qcgate.predictors.margin import fit_spline_ridge
     from qcgate.predictors.ridge import fit_ridge
 
     temperature = 1.0 if samples.binary else fit_temperature([samples.pixel_logits[i] for i in index],
                                                             [samples.pixel_targets[i] for i in index])
     d = np.asarray(samples.dice_ai)[index]
     patients = np.asarray(samples.patients)[index]
-    ridges = {}
+    ridges: dict[str, object] = {}
+    margins: dict[str, object] = {}
     for name, names in learned_feature_names(samples, groups).items():
+        if name == LEARNED_MARGIN:
+            if tau is not None:
+                delta = d - np.asarray(samples.dsc_lesion)[index]
+                margins[name] = fit_spline_ridge(_matrix_at(samples, names, index, temperature, tau), delta, patients,
+                                                 names)
+            continue
         ridges[name] = fit_ridge(_matrix_at(samples, names, index, temperature), d, patients, names, calibrate=True)
-    return FittedQ(temperature, ridges)
+    return FittedQ(temperature, ridges, margins)
 
 
-def predict_q(fitted: FittedQ, samples: GateSamples, index: np.ndarray) -> dict[str, np.ndarray]:
+def predict_q(fitted: FittedQ, samples: GateSamples, index: np.ndarray,
+              tau: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """q of every fitted estimator on ``index``; learned-margin: q = clip(τ + Δ̂, 0, 1) with ``tau``
+    aligned with ``index`` (skipped without it)."""
     q: dict[str, np.ndarray] = {}
     if not samples.binary:
         q[PROBABILITY] = np.clip(_with_temperature(samples, index, fitted.temperature), 0, 1)
     for name, ridge in fitted.ridges.items():
         names = list(ridge.feature_names)  # type: ignore[attr-defined]
         q[name] = np.clip(ridge.predict(_matrix_at(samples, names, index, fitted.temperature)), 0, 1)  # type: ignore[attr-defined]
+    if tau is not None:
+        for name, margin in fitted.margins.items():
+            names = list(margin.feature_names)  # type: ignore[attr-defined]
+            delta = margin.predict(_matrix_at(samples, names, index, fitted.temperature, tau))  # type: ignore[attr-defined]
+            q[name] = np.clip(np.asarray(tau, dtype=np.float64) + delta, 0, 1)
     return q
 
 
@@ -370,8 +417,12 @@ class GateFit:
 
 def fit_gate(samples: GateSamples, index: np.ndarray, rows: TauRows, *, inner_folds: int = 5,
              max_missed_bad: float = 0.10, max_rejected_good: float = 0.10,
-             training: dict | None = None) -> GateFit:
-    """Fit everything on ``index`` (training samples) and the band on inner out-of-fold predictions."""
+             training: dict | None = None, given_tau: np.ndarray | None = None) -> GateFit:
+    """Fit everything on ``index`` (training samples) and the band on inner out-of-fold predictions.
+
+    τ for the band (and learned-margin's τ̂ feature): the cohort's Ridge w/o UM, out of fold (inner
+    folds), or ``given_tau`` (aligned with the samples): the threshold model's own run-time τ, when
+    the cohort was held out of that model's training (``train_gate(tau_source="model")``)."""
     from qcgate.science.ridge_cv import grouped_folds
 
     index = np.asarray(index)
@@ -382,25 +433,31 @@ def fit_gate(samples: GateSamples, index: np.ndarray, rows: TauRows, *, inner_fo
     oof_tau = np.empty(len(index))
     oof_q: dict[str, np.ndarray] = {}
     tau_errors, global_errors = [], []
-    for train, test in folds:
+    for train, test in folds:  # first τ out of fold: learned-margin trains on the τ it will see
         train_patients = set(patients[train])
         ridge = rows.fit(train_patients)
-        oof_tau[test] = ridge.predict(samples.matrix(rows.names, index[test]))  # type: ignore[attr-defined]
-        fitted = fit_q(samples, index[train], rows.groups)
-        for name, values in predict_q(fitted, samples, index[test]).items():
-            oof_q.setdefault(name, np.empty(len(index)))[test] = values
+        if given_tau is None:
+            oof_tau[test] = ridge.predict(samples.matrix(rows.names, index[test]))  # type: ignore[attr-defined]
         test_rows = np.asarray([p in set(patients[test]) for p in rows.patients])
         tau_errors.append(np.abs(ridge.predict(rows.x[test_rows]) - rows.y[test_rows]))  # type: ignore[attr-defined]
         global_errors.append(np.abs(rows.mean(train_patients) - rows.y[test_rows]))
+    if given_tau is not None:
+        oof_tau = np.asarray(given_tau, dtype=np.float64)[index]
+    for train, test in folds:
+        fitted = fit_q(samples, index[train], rows.groups, oof_tau[train])
+        for name, values in predict_q(fitted, samples, index[test], oof_tau[test]).items():
+            oof_q.setdefault(name, np.empty(len(index)))[test] = values
     estimators = {}
     oof = {}
     for name, q in oof_q.items():
         band = fit_band(oof_tau, q, bad, max_missed_bad, max_rejected_good)
         estimators[name] = QualityEstimator(name, float(np.mean(np.abs(q - d))), band, None, len(index))
         oof[name] = (oof_tau, q, bad)
-    final = fit_q(samples, index, rows.groups)
+    final = fit_q(samples, index, rows.groups, oof_tau)
     for name, ridge in final.ridges.items():
         estimators[name].ridge = ridge
+    for name, margin in final.margins.items():
+        estimators[name].margin = margin
     with_probability = [n for n in estimators if n != LEARNED_MASK]
     default = min(with_probability or list(estimators), key=lambda n: estimators[n].validation_mae)
     info = dict(training or {})
@@ -435,6 +492,22 @@ def rates(verdicts: np.ndarray, bad: np.ndarray) -> dict[str, float | None]:
         "good_rejected_pct": 100.0 * float(np.mean(verdicts[good] == "reject")) if n_good else None,
         "review_pct": 100.0 * float(np.mean(verdicts == "review")),
     }
+
+
+def auc_good_vs_bad(score: np.ndarray, bad: np.ndarray) -> float | None:
+    """AUC = P(score of a good slice > score of a bad one) + ½ P(tie) (Mann–Whitney, mid-ranks): how well
+    the score the band cuts (q − τ) separates good from bad, whatever the cut-offs. None without both classes."""
+    from scipy.stats import rankdata
+
+    score = np.asarray(score, dtype=np.float64)
+    bad = np.asarray(bad, dtype=bool)
+    keep = np.isfinite(score)
+    score, bad = score[keep], bad[keep]
+    n_good, n_bad = int((~bad).sum()), int(bad.sum())
+    if not n_good or not n_bad:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[~bad].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
 
 
 def bootstrap_cis(verdicts: np.ndarray, bad: np.ndarray, patients: np.ndarray, q_error: np.ndarray | None,
@@ -511,7 +584,7 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
             raise InputError(f"model {model.name} {model.version} has no q estimator (quality.json): "
                              "retrain it (qcgate train-gate) to evaluate the gate")
         groups = sorted({n.split(".", 1)[0] for e in estimators.estimators.values() for n in e.feature_names
-                         if n.split(".", 1)[0] not in ("prob", "ens")})
+                         if n.split(".", 1)[0] not in NON_MASK_PREFIXES})
         samples = build_gate_samples(cohort, ai=ai, seed=seed, position_map=model.position_map, groups=groups,
                                      model=model, progress=say)
     n = len(samples)
@@ -536,7 +609,7 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
             fit = fit_gate(samples, train, rows, max_missed_bad=max_missed_bad, max_rejected_good=max_rejected_good)
             tau = fit.tau_ridge.predict(samples.matrix(rows.names, test))  # type: ignore[attr-defined]
             tau_all[test] = tau
-            for name, values in predict_q(fit.q, samples, test).items():
+            for name, values in predict_q(fit.q, samples, test, tau).items():
                 q_values.setdefault(name, np.empty(n))[test] = values
                 band = fit.estimators.estimators[name].band
                 bands_seen.setdefault(name, []).append(band)
@@ -559,10 +632,12 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
         estimators = model.q_estimators
         index = np.arange(n)
         fitted = FittedQ(estimators.temperature, {k: e.ridge for k, e in estimators.estimators.items()
-                                                  if e.ridge is not None})
+                                                  if e.ridge is not None},
+                         {k: e.margin for k, e in estimators.estimators.items() if e.margin is not None})
         if samples.binary:
             fitted.ridges = {k: v for k, v in fitted.ridges.items() if k == LEARNED_MASK}
-        available = predict_q(fitted, samples, index)
+            fitted.margins = {}
+        available = predict_q(fitted, samples, index, tau_all)
         for name, values in available.items():
             if name not in estimators.estimators:
                 continue
@@ -588,19 +663,22 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
                  "reject_below": [b.reject_below if math.isfinite(b.reject_below) else None for b in bands_seen[name]],
                  "accept_impossible_pct": 100.0 * float(np.mean(tau_all + band.accept_at > 1.0))
                  if math.isfinite(band.accept_at) else 100.0}
+        extra["auc"] = auc_good_vs_bad(q_values[name] - tau_all, bad)
         result_rows.append(_row(f"τ + {name} q, conformal band", name, verdicts[name], bad, q_values[name], d,
                                 patients, seed, band.method, extra))
     if has_agreement:
         result_rows.append(_row(GLOBAL_BASELINE, "ensemble-agreement", base_global, bad, agreement, d, patients, seed,
                                 "q >= tau ± m, tau = training mean, m = its validation MAE",
-                                {"margin": global_margin}))
+                                {"margin": global_margin, "auc": auc_good_vs_bad(agreement, bad)}))
         result_rows.append(_row(TAU_BASELINE, "ensemble-agreement", base_tau, bad, agreement, d, patients, seed,
-                                "q >= tau ± m, m = tau's validation MAE", {"margin": tau_margin}))
+                                "q >= tau ± m, m = tau's validation MAE",
+                                {"margin": tau_margin, "auc": auc_good_vs_bad(agreement - tau_all, bad)}))
     sweep = {name: [_sweep_point(v, bad, t) for t, v in sorted(points.items())]
              for name, points in sweep_verdicts.items()}
     info.update({"n_samples": n, "n_patients": int(len(set(samples.patients))), "simulated_misses": samples.missed,
                  "dsc_lesion_mean": float(np.mean(samples.dsc_lesion)), "dice_ai_mean": float(d.mean())})
     if ai == "simulated":
+        info["oracle_auc"] = oracle_aucs(samples)
         kinds = np.asarray(samples.kinds)
         conf = np.asarray(samples.confidence)
         info["by_kind"] = {k: {"n": int((kinds == k).sum()), "bad_pct": 100.0 * float(bad[kinds == k].mean())}
@@ -611,9 +689,31 @@ def evaluate_gate(cohort: Cohort, *, ai: str = "simulated", seed: int = 0, n_fol
     per_slice = {"patient_id": list(samples.patients), "case_id": list(samples.case_ids),
                  "slice_index": list(samples.slice_indices), "dice_ai": list(d), "dsc_lesion": list(samples.dsc_lesion),
                  "tau": list(tau_all), "kind": list(samples.kinds), "confidence": list(samples.confidence),
+                 "n_readers": list(samples.n_readers), "replaced_dice": list(samples.replaced_dice),
                  **{f"q_{k}": list(v) for k, v in q_values.items()}, **{f"verdict_{k}": list(v) for k, v in verdicts.items()}}
     return GateEvaluation(cohort.name, cohort.synthetic or bool(model is not None and model.synthetic), setting, ai,
                           seed, result_rows, sweep, info, per_slice)
+
+
+def oracle_aucs(samples: GateSamples) -> dict[str, float | None]:
+    """Ceilings for any q estimator (simulated AI; the oracles see what no estimator can):
+
+    * ``replaced_outline_dice``: AUC of Dice(AI, the outline it replaced), the AI's exact damage;
+    * ``readers_and_damage_decile_in_sample``: AUC of P(good | readers on the slice, damage decile),
+      tabulated on these very slices (in-sample: an optimistic bound on what both would give).
+    """
+    bad = samples.truth_bad
+    damage = np.asarray(samples.replaced_dice, dtype=np.float64)
+    readers = np.asarray(samples.n_readers)
+    if not np.isfinite(damage).all():
+        return {}
+    deciles = np.digitize(damage, np.quantile(damage, np.linspace(0, 1, 11)[1:-1]))
+    table: dict[tuple[int, int], list[bool]] = {}
+    for r, b, good in zip(readers, deciles, ~bad):
+        table.setdefault((int(r), int(b)), []).append(bool(good))
+    tabulated = np.asarray([np.mean(table[(int(r), int(b))]) for r, b in zip(readers, deciles)])
+    return {"replaced_outline_dice": auc_good_vs_bad(damage, bad),
+            "readers_and_damage_decile_in_sample": auc_good_vs_bad(tabulated, bad)}
 
 
 def _global_mae(model) -> float:
@@ -638,15 +738,16 @@ def _fmt(value, ci=None) -> str:
 
 
 def markdown_rows(result: GateEvaluation) -> str:
-    lines = ["| Method | q source | Bad caught % | Bad missed % | Good accepted % | Review % | q MAE | slices (bad/good) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | q source | Bad caught % | Bad missed % | Good accepted % | Review % | q MAE | AUC of q − τ | slices (bad/good) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         q_mae = "n/a" if r["q_mae"] is None else f"{r['q_mae']:.3f}" + (
             f" [{r['q_mae_ci'][0]:.3f}, {r['q_mae_ci'][1]:.3f}]" if r.get("q_mae_ci") else "")
         lines.append(f"| {r['method']} | {r['q_source']} | {_fmt(r['bad_caught_pct'], r.get('bad_caught_pct_ci'))} | "
                      f"{_fmt(r['bad_missed_pct'], r.get('bad_missed_pct_ci'))} | "
                      f"{_fmt(r['good_accepted_pct'], r.get('good_accepted_pct_ci'))} | "
-                     f"{_fmt(r['review_pct'], r.get('review_pct_ci'))} | {q_mae} | {r['n_slices']} ({r['n_bad']}/{r['n_good']}) |")
+                     f"{_fmt(r['review_pct'], r.get('review_pct_ci'))} | {q_mae} | "
+                     f"{'n/a' if r.get('auc') is None else format(r['auc'], '.3f')} | {r['n_slices']} ({r['n_bad']}/{r['n_good']}) |")
     return "\n".join(lines)
 
 
@@ -657,7 +758,13 @@ def text_summary(result: GateEvaluation) -> str:
             f"{info['n_samples']} slices, {info['n_patients']} patients; mean DSC Lesion {info['dsc_lesion_mean']:.3f}, "
             f"mean Dice(AI, experts) {info['dice_ai_mean']:.3f}; targets: missed bad <= {info['max_missed_bad']:.0%}, "
             f"rejected good <= {info['max_rejected_good']:.0%}; 95 % patient-bootstrap CIs in brackets")
-    return head + "\n" + markdown_rows(result)
+    text = head + "\n\n" + markdown_rows(result)
+    oracle = info.get("oracle_auc") or {}
+    if oracle.get("replaced_outline_dice") is not None:
+        text += (f"\n\nCeilings (oracles, not estimators): AUC of Dice(AI, the outline it replaced) "
+                 f"{oracle['replaced_outline_dice']:.3f}; of P(good | readers on the slice, damage decile), in-sample "
+                 f"{oracle['readers_and_damage_decile_in_sample']:.3f}")
+    return text
 
 
 def write_gate_outputs(result: GateEvaluation, out: Path, *, command: str = "") -> dict[str, Path]:
@@ -729,27 +836,62 @@ def _tradeoff_plot(result: GateEvaluation, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+TAU_SOURCES = ("auto", "cross-fitted", "model")
+
+
+def runtime_tau_is_plain_ridge(model) -> bool:
+    """True when the model's run-time τ is a Ridge w/o UM (what ``cross-fitted`` refits in inner folds)."""
+    return model.kind == "ridge" and not model.has_uncertainty_variant
+
+
 def train_gate(model_dir: Path, cohort: Cohort, *, ai: str = "simulated", seed: int = 0, inner_folds: int = 5,
                max_missed_bad: float = 0.10, max_rejected_good: float = 0.10, command: str = "",
-               workers: int | None = 1, progress: Callable[[str], None] | None = None) -> QualityEstimators:
+               workers: int | None = 1, tau_source: str = "auto",
+               progress: Callable[[str], None] | None = None) -> QualityEstimators:
     """Fit the q estimators and their bands on ``cohort`` and store them in ``model_dir`` as
-    quality.json (hashed in the manifest; the model card gains a section)."""
+    quality.json (hashed in the manifest; the model card gains a section).
+
+    The band must be fitted on the τ the model gives at run time. ``tau_source``:
+
+    * ``cross-fitted``: the cohort's median-calibrated Ridge w/o UM, out of fold (inner folds): the
+      same procedure as a ``ridge`` model, which may be trained on this very cohort;
+    * ``model``: the model's own run-time τ (its ensemble, with the UM variant when the AI has ≥ 2
+      members), computed on the AI segmentation as the worker does. The cohort must be held out of
+      the model's τ training (else τ is in-sample and the band too narrow): refused when the cohort
+      is the model's training cohort;
+    * ``auto``: ``cross-fitted`` for a Ridge w/o UM, ``model`` otherwise.
+    """
     from qcgate.predictors import load_model
     from qcgate.predictors.artifacts import MANIFEST, write_manifest
 
     say = progress or (lambda message: None)
+    if tau_source not in TAU_SOURCES:
+        raise InputError(f"--tau must be one of {TAU_SOURCES}, got {tau_source!r}")
     model = load_model(model_dir)
+    if tau_source == "auto":
+        tau_source = "cross-fitted" if runtime_tau_is_plain_ridge(model) else "model"
+    trained_on = str(model.manifest.get("training", {}).get("cohort", ""))
+    if tau_source == "model" and trained_on and trained_on == cohort.name:
+        raise InputError(f"{cohort.name} is the cohort {model.name} was trained on: its τ there is in-sample, so a band "
+                         "fitted on it would be too narrow; train the gate on a held-out cohort (e.g. another phantom "
+                         "seed) or pass --tau cross-fitted")
     rows = tau_rows(cohort, workers=workers)
-    if list(rows.names) != list(model.ridge.feature_names if model.ridge is not None else rows.names):  # type: ignore[union-attr]
+    if tau_source == "cross-fitted" and list(rows.names) != list(
+            model.ridge.feature_names if model.ridge is not None else rows.names):  # type: ignore[union-attr]
         say("note: the cohort's tau features differ from the model's Ridge; the band uses the cohort's Ridge")
     started = time.monotonic()
-    samples = build_gate_samples(cohort, ai=ai, seed=seed, position_map=rows.position_map, groups=rows.groups,
-                                 progress=say)
+    use_model = tau_source == "model"
+    samples = build_gate_samples(cohort, ai=ai, seed=seed,
+                                 position_map=model.position_map if use_model else rows.position_map,
+                                 groups=rows.groups, model=model if use_model else None, progress=say)
     say(f"{len(samples)} samples in {time.monotonic() - started:.0f} s; fitting")
+    tau_for_band = ("median-calibrated Ridge w/o UM on the cohort's plain groups, inner CV" if not use_model else
+                    f"the model's run-time tau ({model.describe(use_uncertainty=samples.n_members >= 2)}) on the AI "
+                    "segmentation, cohort held out of its training")
     fit = fit_gate(samples, np.arange(len(samples)), rows, inner_folds=inner_folds, max_missed_bad=max_missed_bad,
-                   max_rejected_good=max_rejected_good,
-                   training={"cohort": cohort.name, "seed": seed, "command": command,
-                             "tau_for_band": "median-calibrated Ridge w/o UM on the cohort's plain groups, inner CV"})
+                   max_rejected_good=max_rejected_good, given_tau=np.asarray(samples.model_tau) if use_model else None,
+                   training={"cohort": cohort.name, "seed": seed, "command": command, "tau_source": tau_source,
+                             "tau_for_band": tau_for_band})
     estimators = fit.estimators
     directory = Path(model_dir)
     (directory / "quality.json").write_text(estimators.to_json())

@@ -13,6 +13,9 @@ decision band, ``qcgate.predictors.band``):
   more members (the agreement only as a feature, never compared with tau).
 * ``learned-mask``: geometry (and image groups) only: the estimator for a single BINARY member, which
   carries no probability information.
+* ``learned-margin``: a direct estimate of the margin Δ = D_AI − y (``qcgate.predictors.margin``: an
+  additive spline Ridge on the ``learned-um`` features plus τ̂), q = clip(τ̂ + Δ̂, 0, 1): the band on
+  q − τ is then a band on Δ̂, without the separate errors of q̂ and τ̂.
 * ``reference`` (a reader's SEG in the case) is not stored: it is measured.
 
 Calibration: **temperature scaling** (one T for the cohort, fitted by minimising the pixel-wise
@@ -39,10 +42,13 @@ from qcgate.core.agreement import soft_self_dice
 from qcgate.errors import InputError
 
 FORMAT_NAME = "qcgate-q-estimators"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an estimator may carry a "margin" model (learned-margin); files without one are written as 1
 QUALITY_FILE = "quality.json"
 PROBABILITY, LEARNED, LEARNED_UM, LEARNED_MASK = "probability", "learned", "learned-um", "learned-mask"
-ESTIMATORS = (PROBABILITY, LEARNED, LEARNED_UM, LEARNED_MASK)
+LEARNED_MARGIN = "learned-margin"
+ESTIMATORS = (PROBABILITY, LEARNED, LEARNED_UM, LEARNED_MASK, LEARNED_MARGIN)
+#: Feature prefixes that are not the AI mask's feature groups (computed from the map, the members, tau).
+NON_MASK_PREFIXES = ("prob", "ens", "tau")
 #: Temperatures at which the soft self-Dice is tabulated per training slice (cheap refits in CV).
 TEMPERATURE_GRID = np.geomspace(0.2, 5.0, 41)
 PIXELS_PER_SLICE = 128
@@ -183,23 +189,41 @@ class QualityEstimator:
     band: object  # qcgate.predictors.band.DecisionBand
     ridge: object | None = None  # qcgate.predictors.ridge.RidgeModel for the learned kinds
     n_validation: int = 0
+    margin: object | None = None  # qcgate.predictors.margin.SplineRidge for learned-margin (Δ̂)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
+        if self.margin is not None:
+            return tuple(self.margin.feature_names)  # type: ignore[attr-defined]
         return tuple(self.ridge.feature_names) if self.ridge is not None else ("prob.soft_dice",)  # type: ignore[attr-defined]
 
+    @property
+    def uses_tau(self) -> bool:
+        """True when q depends on the slice's τ (``learned-margin``: q = τ̂ + Δ̂): the caller passes
+        ``tau.value`` in the features."""
+        from qcgate.predictors.margin import TAU_FEATURE
+
+        return TAU_FEATURE in self.feature_names
+
     def estimate(self, features: Mapping[str, float]) -> float:
-        """q for one slice from its feature dict (``slice_quality_features``)."""
-        if self.ridge is None:
+        """q for one slice from its feature dict (``slice_quality_features``, plus ``tau.value`` for
+        ``learned-margin``)."""
+        model = self.margin if self.margin is not None else self.ridge
+        if model is None:
             return float(np.clip(features["prob.soft_dice"], 0.0, 1.0))
         try:
-            row = np.asarray([[features[n] for n in self.ridge.feature_names]], dtype=np.float64)  # type: ignore[attr-defined]
+            row = np.asarray([[features[n] for n in model.feature_names]], dtype=np.float64)  # type: ignore[attr-defined]
         except KeyError as exc:
             raise InputError(f"q estimator {self.name}: feature {exc} was not computed") from None
-        return float(np.clip(self.ridge.predict(row)[0], 0.0, 1.0))  # type: ignore[attr-defined]
+        if self.margin is not None:
+            from qcgate.predictors.margin import TAU_FEATURE
+
+            return float(np.clip(features[TAU_FEATURE] + self.margin.predict(row)[0], 0.0, 1.0))  # type: ignore[attr-defined]
+        return float(np.clip(model.predict(row)[0], 0.0, 1.0))  # type: ignore[attr-defined]
 
     def needs(self) -> set[str]:
-        return {n.split(".", 1)[0] for n in self.feature_names}
+        """Feature prefixes the estimator reads ("tau" is given by the threshold model, always present)."""
+        return {n.split(".", 1)[0] for n in self.feature_names} - {"tau"}
 
 
 @dataclass
@@ -234,14 +258,17 @@ class QualityEstimators:
         from qcgate.predictors.band import band_to_dict
 
         payload = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            # version 1 readers would take a margin estimator (no "ridge") for the probability one: refuse them
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION if any(e.margin is not None for e in self.estimators.values()) else 1,
             "calibration": {"method": "temperature", "temperature": self.temperature,
                             "why": "monotone, keeps p = 1/2 (the AI mask) fixed, one parameter"},
             "default": self.default,
             "estimators": {
                 name: {"validation_mae": e.validation_mae, "n_validation": e.n_validation,
                        "band": band_to_dict(e.band),
-                       "ridge": None if e.ridge is None else json.loads(e.ridge.to_json())}  # type: ignore[attr-defined]
+                       "ridge": None if e.ridge is None else json.loads(e.ridge.to_json()),  # type: ignore[attr-defined]
+                       **({} if e.margin is None else {"margin": e.margin.to_dict()})}  # type: ignore[attr-defined]
                 for name, e in self.estimators.items()
             },
             "training": self.training,
@@ -251,6 +278,7 @@ class QualityEstimators:
     @classmethod
     def from_json(cls, text: str, *, source: str = QUALITY_FILE) -> QualityEstimators:
         from qcgate.predictors.band import band_from_dict
+        from qcgate.predictors.margin import SplineRidge
         from qcgate.predictors.ridge import RidgeModel
 
         try:
@@ -263,8 +291,10 @@ class QualityEstimators:
             for name, spec in payload["estimators"].items():
                 ridge = None if spec.get("ridge") is None else RidgeModel.from_json(json.dumps(spec["ridge"]),
                                                                                    source=f"{source}:{name}")
+                margin = None if spec.get("margin") is None else SplineRidge.from_dict(spec["margin"],
+                                                                                      source=f"{source}:{name}")
                 estimators[name] = QualityEstimator(name, float(spec["validation_mae"]), band_from_dict(spec["band"]),
-                                                    ridge, int(spec.get("n_validation", 0)))
+                                                    ridge, int(spec.get("n_validation", 0)), margin)
             default = str(payload["default"])
             if default not in estimators:
                 raise ValueError(f"default {default!r} is not among the estimators {sorted(estimators)}")

@@ -245,7 +245,11 @@ class SliceResultRecord(Base):
     slice_index: Mapped[int] = mapped_column(Integer)
     tau: Mapped[float] = mapped_column(Float)
     q: Mapped[float | None] = mapped_column(Float)
-    margin: Mapped[float] = mapped_column(Float)
+    # where q came from ("learned-um", "reference", "none", ...); migration 0009 (older rows: the case's)
+    q_source: Mapped[str | None] = mapped_column(String(Q_SOURCE_LENGTH))
+    margin: Mapped[float] = mapped_column(Float)  # m_accept: accept if q >= tau + margin
+    margin_reject: Mapped[float | None] = mapped_column(Float)  # m_reject: reject if q < tau - margin_reject (0009)
+    review_reason: Mapped[str | None] = mapped_column(Text)  # why review was forced, NULL otherwise (0009)
     verdict: Mapped[str] = mapped_column(String(STATE_LENGTH))
     lesion_area_mm2: Mapped[float] = mapped_column(Float)
     um_mean: Mapped[float | None] = mapped_column(Float)

@@ -175,7 +175,8 @@ def list_cases(session: Session, state: str | None = None, limit: int | None = N
 
 
 def list_slices(session: Session, filters: AuditFilters) -> list[dict[str, Any]]:
-    """Slice results with their case: tau, q, margin, verdict, key features.
+    """Slice results with their case: tau, q and its source, both margins, verdict, why review was
+    forced (``review_reason``), key features.
 
     ``filters.verdict`` is the slice verdict; dates bound the slice result's creation time; the
     other filters apply to the slice's case.
@@ -184,8 +185,8 @@ def list_slices(session: Session, filters: AuditFilters) -> list[dict[str, Any]]
     result = SliceResultRecord
     query = (
         select(result.case_id, Case.ct_series_uid, Case.series_verdict, result.slice_index, result.sop_instance_uid,
-               result.tau, result.q, result.margin, result.verdict, result.lesion_area_mm2, result.um_mean, result.um_p90,
-               Case.model_name, Case.model_version, result.created_at, result.key_features)
+               result.tau, result.q, result.q_source, result.margin, result.margin_reject, result.verdict,
+               result.review_reason, result.lesion_area_mm2, result.um_mean, result.um_p90, Case.model_name, Case.model_version, result.created_at, result.key_features)
         .join(Case, Case.id == result.case_id)
         .where(*_case_conditions(filters))
         .order_by(result.case_id, result.slice_index)
@@ -196,7 +197,8 @@ def list_slices(session: Session, filters: AuditFilters) -> list[dict[str, Any]]
         rows.append({
             "case_id": row.case_id, "ct_series_uid": row.ct_series_uid, "series_verdict": row.series_verdict,
             "slice_index": row.slice_index, "sop_instance_uid": row.sop_instance_uid,
-            "tau": row.tau, "q": row.q, "margin": row.margin, "verdict": row.verdict,
+            "tau": row.tau, "q": row.q, "q_source": row.q_source, "margin": row.margin,
+            "margin_reject": row.margin_reject, "verdict": row.verdict, "review_reason": row.review_reason,
             "lesion_area_mm2": row.lesion_area_mm2, "um_mean": row.um_mean, "um_p90": row.um_p90,
             "model": f"{row.model_name} {row.model_version}" if row.model_name else None,
             "created_at": _iso(row.created_at),
@@ -281,7 +283,9 @@ def slice_locations(session: Session, case_id: int, spool_root: Path | None) -> 
 
 
 def case_detail(session: Session, case_id: int, spool_root: Path | None = None) -> dict[str, Any] | None:
-    """One case slice by slice: tau, q, margin, verdict and key features; outputs and deliveries.
+    """One case slice by slice: tau, q and its source, the margins (``margin`` = m_accept,
+    ``margin_reject`` = m_reject; NULL before migration 0009), verdict, why review was forced
+    (``review_reason``) and key features; outputs and deliveries.
 
     ``spool_root``: the spool (DataLayout.spool); each slice then has ``instance_number`` and ``z_mm``
     of its CT image (the numbering of the SR, the report, the SC and the PDF)."""
@@ -304,7 +308,8 @@ def case_detail(session: Session, case_id: int, spool_root: Path | None = None) 
         "slices": [{"instance_number": locations.get(s.sop_instance_uid, (None, None))[0],
                     "z_mm": locations.get(s.sop_instance_uid, (None, None))[1],
                     "slice_index": s.slice_index, "sop_instance_uid": s.sop_instance_uid, "tau": s.tau, "q": s.q,
-                    "margin": s.margin, "verdict": s.verdict, "lesion_area_mm2": s.lesion_area_mm2,
+                    "q_source": s.q_source, "margin": s.margin, "margin_reject": s.margin_reject, "verdict": s.verdict,
+                    "review_reason": s.review_reason, "lesion_area_mm2": s.lesion_area_mm2,
                     "um_mean": s.um_mean, "key_features": json.loads(s.key_features) if s.key_features else {}} for s in slices],
         "outputs": [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": o.path} for o in outputs],
         "deliveries": deliveries,
