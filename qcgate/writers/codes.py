@@ -119,6 +119,7 @@ Q_SOURCE_CODES: dict[str, Code] = {
     "learned": _private("QSRC-LEARNED", "Learned quality regressor (mask and probability)"),
     "learned-um": _private("QSRC-LEARNED-UM", "Learned quality regressor (mask, probability, uncertainty)"),
     "learned-mask": _private("QSRC-LEARN-MASK", "Learned quality regressor (mask only)"),
+    "learned-margin": _private("QSRC-LEARN-MARG", "Learned margin regressor (AI Dice minus expert agreement)"),
     "none": _private("QSRC-NONE", "No quality estimate available"),
 }
 #: A q source this version does not know (its name then goes into a Comment of the summary).

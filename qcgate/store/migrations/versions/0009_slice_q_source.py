@@ -8,14 +8,14 @@
   NULL otherwise.
 
 Revision ID: 0009
-Revises: 0007 (0008 is being added on another branch; the lead re-points down_revision at merge)
+Revises: 0008
 Create Date: 2026-12-03 12:30:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0009'
-down_revision = '0007'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 
