@@ -19,8 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sqlalchemy.orm import Session  # noqa: E402
+
 import qcgate.node.ingest as ingest  # noqa: E402
-import qcgate.node.spool as spool  # noqa: E402
 from bench.bench_ingest import write_series  # noqa: E402
 from qcgate.config import load_settings  # noqa: E402
 from qcgate.service import GateService  # noqa: E402
@@ -47,9 +48,11 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     args = parser.parse_args()
     timed(ingest, "read_header", "header parse")
-    timed(ingest, "sha256_of_file", "sha256")
-    timed(spool.Spool, "sync_file", "file fsync (overlaps parse and hash, another thread)")
+    timed(ingest, "sha256_of_file", "sha256 (read back; 0 when hashed while streaming)")
+    timed(ingest, "_fsync_and_close", "file fsync (fsync thread: overlaps parse, SQL, rename, directory fsync)")
     timed(ingest, "fsync_directory", "directory fsync (once per batch and folder)")
+    timed(ingest.Ingestor, "_insert_batch", "  SQL inserts and case touch (before the commit)")
+    timed(Session, "commit", "  database commits (WAL fsync), every session")
     timed(ingest.Ingestor, "_store_batch", "group commit: SQL + rename + directory fsync + commit")
     timed(ingest.Ingestor, "ingest", "handler total (ingest)")
     with tempfile.TemporaryDirectory(prefix="qcgate-stages-", dir=REPO / "..") as tmp:
@@ -65,7 +68,9 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         service.stop()
     print(f"whole send: {1000 * elapsed / len(files):.2f} ms per instance ({len(files)} instances)")
-    for label, seconds in SECONDS.items():
+    print(f"  pynetdicom receive and respond (whole send - handler): "
+          f"{1000 * (elapsed - SECONDS['handler total (ingest)']) / len(files):.2f} ms per instance")
+    for label, seconds in sorted(SECONDS.items()):
         print(f"  {label}: {1000 * seconds / len(files):.2f} ms per instance")
 
 

@@ -485,7 +485,9 @@ class GateNode:
             return result
         if received is None:
             incoming = self.ingestor.spool.write_incoming(event.encoded_dataset())
+            streamed_sha256 = None
         else:
+            streamed_sha256 = pynetdicom_adapter.received_sha256(received)  # hashed as it arrived
             incoming = self.ingestor.spool.new_incoming_path()
             received.rename(incoming)  # same folder: pynetdicom wrote it into the spool
         try:
@@ -503,6 +505,7 @@ class GateNode:
                 association_id=state.record_id,
                 expected_sop_instance_uid=sop_uid,
                 expected_sop_class_uid=sop_class,
+                sha256=streamed_sha256,
             )
         except OSError as exc:
             exc._qcgate_incoming = incoming  # type: ignore[attr-defined]
