@@ -73,6 +73,21 @@ def start_gate(port: int, data_dir: Path, log: Path, fsync: bool = True, tree: P
     return process
 
 
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until something accepts on ``port`` (a loaded machine starts Python slowly)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            time.sleep(0.1)
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
@@ -111,15 +126,17 @@ def main() -> None:
         size_mb = sum(p.stat().st_size for p in files) / 1e6
         print(f"series: {len(files)} SYNTHETIC slices, {size_mb:.0f} MB")
 
-        # Four receivers, interleaved per repeat so machine noise hits them alike:
-        # storescp (the reference), pynetdicom with a null handler (the library's floor),
-        # qcgate without fsync, and qcgate as deployed (durable).
+        # The receivers, interleaved per repeat so machine noise hits them alike: storescp (the
+        # reference), pynetdicom with a null handler (the library's floor) as shipped and with
+        # qcgate's reactors (the floor qcgate runs on), qcgate without fsync, qcgate as deployed
+        # (durable), and optionally qcgate from another checkout.
         gates = [("qcgate", True, REPO)]
         if not args.skip_nofsync:
             gates.insert(0, ("qcgate-nofsync", False, REPO))
         if args.baseline_tree:
             gates.insert(0, ("qcgate-baseline", True, args.baseline_tree.resolve()))
-        times: dict[str, list[float]] = {"storescp": [], "pynetdicom-null": [], **{label: [] for label, _, _ in gates}}
+        nulls = [("pynetdicom-null", []), ("pynetdicom-null-tuned", ["--tuned"])]
+        times: dict[str, list[float]] = {"storescp": [], **{label: [] for label, _ in nulls}, **{label: [] for label, _, _ in gates}}
         for repeat in range(args.repeats):
             port = free_port()
             scp = start_storescp(port, work / f"scp{repeat}")
@@ -127,13 +144,14 @@ def main() -> None:
                 times["storescp"].append(send(port, files, "ANY-SCP"))
             finally:
                 stop(scp)
-            port = free_port()
-            null = subprocess.Popen([sys.executable, str(REPO / "bench" / "null_scp.py"), str(port)])
-            time.sleep(1.5)
-            try:
-                times["pynetdicom-null"].append(send(port, files, "NULLSCP"))
-            finally:
-                stop(null)
+            for label, flags in nulls:
+                port = free_port()
+                null = subprocess.Popen([sys.executable, str(REPO / "bench" / "null_scp.py"), str(port), *flags])
+                wait_for_port(port, null)
+                try:
+                    times[label].append(send(port, files, "NULLSCP"))
+                finally:
+                    stop(null)
             for label, fsync, tree in gates:
                 port = free_port()
                 gate = start_gate(port, work / f"{label}{repeat}", work / f"{label}{repeat}.log", fsync=fsync, tree=tree)
@@ -147,7 +165,12 @@ def main() -> None:
         print("single sender, medians: " + ", ".join(f"{k} {m:.2f} s (x{m / reference:.1f})" for k, m in medians.items()))
         print(f"qcgate durable: {size_mb / medians['qcgate']:.0f} MB/s, "
               f"{1000 * medians['qcgate'] / len(files):.1f} ms per instance; library floor "
-              f"{1000 * medians['pynetdicom-null'] / len(files):.1f} ms; storescp {1000 * reference / len(files):.1f} ms")
+              f"{1000 * medians['pynetdicom-null'] / len(files):.1f} ms, tuned "
+              f"{1000 * medians['pynetdicom-null-tuned'] / len(files):.1f} ms; storescp {1000 * reference / len(files):.1f} ms")
+        for label in [g[0] for g in gates]:
+            print(f"{label}: x{medians[label] / medians['pynetdicom-null-tuned']:.2f} the tuned floor, "
+                  f"x{medians[label] / medians['pynetdicom-null']:.2f} the shipped floor")
+        print(f"load average (1, 5, 15 min) at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
         # Concurrent senders, each with its own series.
         series = [files] + [write_series(work / f"series{i}", max(args.slices // 4, 10), i, f"BENCH{i}") for i in range(1, args.senders)]

@@ -8,8 +8,13 @@ re-sends, and the re-send finds the same bytes at the same path.
 Group commit: instances that arrive while a commit is in progress (concurrent associations, or a
 STOW-RS request) wait, and the next commit takes them all: one transaction, one fsync of each
 spool directory, one touch per case, one database commit (one WAL fsync). Each caller returns only
-after the commit that holds its row, so Success still means durable. The file's fsync overlaps the
-header parse and the SHA-256.
+after the commit that holds its row, so Success still means durable.
+
+Per instance, the file's fsync (started on arrival, on a thread) overlaps the header parse, the
+row's INSERT, the rename and the directory fsync; the commit waits for it. One prepared
+``INSERT … ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id`` both inserts a new instance and
+finds a re-send (no separate look-up); re-sends are answered after the commit. The node passes
+the SHA-256 it took while the data set streamed in, so the file is not read again.
 """
 
 from __future__ import annotations
