@@ -355,8 +355,8 @@ def _dul_loop(self: Any, wake_read: int) -> None:
                 pass
             elif self._is_transport_event():
                 self._idle_timer.restart()
-        except Exception as exc:
-            _DUL_LOGGER.exception("Exception in DUL.run(), aborting association: %s", exc)
+        except Exception:  # as pynetdicom: any failure aborts the association
+            _DUL_LOGGER.exception("Exception in DUL.run(), aborting association")
             abort_pdu = pdu.A_ABORT_RQ()
             abort_pdu.source = 0x02
             abort_pdu.reason_diagnostic = 0x00

@@ -23,9 +23,18 @@ from qcgate.node.dicom_header import read_header
 from qcgate.node.ingest import Ingestor, _Pending
 from qcgate.node.spool import Spool
 from qcgate.service import GateService
-from qcgate.store.database import create_db_engine, make_session_factory, upgrade_database
+from qcgate.store.database import (
+    create_db_engine,
+    make_session_factory,
+    upgrade_database,
+)
 from qcgate.store.models import Instance, RefusedInstance
-from tests.support import dataset_bytes_without_meta, free_port, storescu, write_synthetic_case
+from tests.support import (
+    dataset_bytes_without_meta,
+    free_port,
+    storescu,
+    write_synthetic_case,
+)
 
 
 @pytest.fixture
