@@ -13,7 +13,8 @@ the same lesion slices, the dominant stage, so the figure is also reported as a 
 
 ``--reference DIR``: a checkout of another version (e.g. ``git worktree add --detach ../wt-ref arch``)
 whose ``qcgate serve`` runs the same case in the same invocation, alternating with this checkout
-(reference first in each repeat), with this checkout's interpreter and packages.
+(reference first in each repeat), with that checkout's own ``.venv/bin/python`` when it has one
+(else this interpreter); ``PYTHONPATH`` points at the checkout either way.
 ``--warmup``: before the measured case, a small SYNTHETIC case (8 slices) goes through the same gate,
 so the measured job finds a warm worker (model loaded, modules imported), as in steady operation;
 without it every run measures a cold worker (the first job after ``serve`` starts).
@@ -113,6 +114,13 @@ def _sr_sent(database: Path) -> int:
         ).fetchone()[0]
 
 
+def interpreter(repo: Path) -> Path:
+    """The checkout's own virtual environment (``repo/.venv``: its packages, as installed there), else
+    this interpreter."""
+    own = repo / ".venv" / "bin" / "python"
+    return own if own.exists() else Path(sys.executable)
+
+
 def run_once(work: Path, files: list[Path], model: str, repo: Path = REPO, warmup: list[Path] | None = None,
              memory_limit_mb: int | None = None) -> dict[str, object]:
     pacs_dir = work / "pacs"
@@ -130,7 +138,7 @@ def run_once(work: Path, files: list[Path], model: str, repo: Path = REPO, warmu
                       f'[observability]\nenabled = false\n')
     log = open(work / "gate.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(repo)}  # the checkout under test, whatever is installed
-    gate = subprocess.Popen([sys.executable, "-m", "qcgate.cli", "serve", "--config", str(config)], stdout=log,
+    gate = subprocess.Popen([str(interpreter(repo)), "-m", "qcgate.cli", "serve", "--config", str(config)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=repo, env=env)
     peak = [0.0, 0.0, 0.0]  # gate + workers together; the gate process alone; its descendants alone
     stop = threading.Event()
@@ -233,7 +241,7 @@ def main() -> None:
             warmup = [*warm_ct, *warm_members]
         print(f"case: {len(ct_files)} SYNTHETIC slices, lesion on {int(masks.reshape(len(masks), -1).any(1).sum())}, "
               f"2 FRACTIONAL members; {'warm' if args.warmup else 'cold'} worker; versions: "
-              + ", ".join(f"{name} {path}" for name, path in versions))
+              + ", ".join(f"{name} {path} ({interpreter(path)})" for name, path in versions))
         runs: dict[str, list[dict[str, object]]] = {name: [] for name, _ in versions}
         for r in range(args.repeats):
             for name, repo in reversed(versions):  # the reference first in each repeat

@@ -134,15 +134,38 @@ class SparseSlices(_VolumeLike):
         for k, plane in (slices or {}).items():
             self.put(k, plane)
 
-    def put(self, k: int, plane: np.ndarray) -> None:
-        """Keep ``plane`` (clipped to [0, 1], as float16) at slice ``k``; an all-zero plane is not kept."""
+    def put(self, k: int, plane: np.ndarray, at: tuple[int, int] = (0, 0)) -> None:
+        """Keep ``plane`` (clipped to [0, 1], as float16) at slice ``k``; an all-zero plane is not kept.
+
+        ``at``: where ``plane``'s first pixel lies when it is a box of the slice (zeros outside it)."""
         values = np.clip(np.asarray(plane, np.float32), 0.0, 1.0).astype(np.float16)
         rows, cols = np.flatnonzero(values.any(axis=1)), np.flatnonzero(values.any(axis=0))
         if rows.size == 0:
             self.crops.pop(int(k), None)
             return
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        self.crops[int(k)] = (r0, c0, values[r0:r1, c0:c1].copy())
+        self.crops[int(k)] = (at[0] + r0, at[1] + c0, values[r0:r1, c0:c1].copy())
+
+    def box(self, k: int) -> tuple[int, int, int, int] | None:
+        """(row0, row1, col0, col1) of slice ``k``'s non-zero pixels, None for an empty slice."""
+        held = self.crops.get(int(k))
+        if held is None:
+            return None
+        r0, c0, crop = held
+        return r0, r0 + crop.shape[0], c0, c0 + crop.shape[1]
+
+    def region(self, k: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        """Slice ``k`` within ``box`` (row0, row1, col0, col1), float32, zeros where nothing is held."""
+        r0, r1, c0, c1 = box
+        out = np.zeros((r1 - r0, c1 - c0), np.float32)
+        held = self.crops.get(int(k))
+        if held is not None:
+            hr, hc, crop = held
+            top, left = max(hr, r0), max(hc, c0)
+            bottom, right = min(hr + crop.shape[0], r1), min(hc + crop.shape[1], c1)
+            if top < bottom and left < right:
+                out[top - r0:bottom - r0, left - c0:right - c0] = crop[top - hr:bottom - hr, left - hc:right - hc]
+        return out
 
     def slice(self, k: int) -> np.ndarray:
         out = np.zeros(self.shape[1:], np.float16)

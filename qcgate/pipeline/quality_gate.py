@@ -50,7 +50,11 @@ def is_binary_member(member) -> bool:
     if kind and kind != "FRACTIONAL":
         return True
     probability = member.probability
-    occupied = probability[probability > 0]
+    if hasattr(probability, "crops"):  # a sparse member: its occupied boxes, never the dense series
+        values = [crop[crop > 0] for _, _, crop in probability.crops.values()]
+        occupied = np.concatenate(values) if values else np.zeros(0, np.float16)
+    else:
+        occupied = probability[probability > 0]
     return occupied.size > 0 and bool(np.all(occupied >= 0.999))
 
 
@@ -111,6 +115,14 @@ def _features(estimator, temperature: float, model, probability: np.ndarray, mem
     if extracted and groups == ["geometry"] and all(n in extracted for n in mask_features):
         # The AI mask's geometry was already extracted for tau (same mask, spacing and position map):
         # only the probability and ensemble metrics are computed here.
+        features = {n: extracted[n] for n in mask_features}
+        features.update(slice_quality_features(probability, ct.pixel_spacing, temperature=temperature,
+                                               members=members if "ens" in estimator.needs() else None,
+                                               groups=(), binary=binary))
+        return features
+    if extracted and model.uses_image and all(n in extracted for n in mask_features):
+        # tau's extraction saw the same inputs q's would (float32 HU of the slice, mean >= 0.5, the lung
+        # mask lung_mask_from_hu of that image, the model's position map): one extraction per slice.
         features = {n: extracted[n] for n in mask_features}
         features.update(slice_quality_features(probability, ct.pixel_spacing, temperature=temperature,
                                                members=members if "ens" in estimator.needs() else None,

@@ -87,6 +87,18 @@ def _occupied_slices(probability: Any) -> list[int]:
     return [int(k) for k in np.flatnonzero(np.asarray(probability).reshape(len(probability), -1).max(axis=1) > 0)]
 
 
+def _members_on_slice(ensemble: list[SegMember], k: int) -> tuple[tuple[int, int], np.ndarray]:
+    """The members' probabilities on slice ``k`` as (members, rows, cols) float32, and where that box
+    lies: the union of the sparse members' non-zero boxes (mean and std are per pixel, and both are
+    0 outside it), else the whole slice."""
+    if all(isinstance(m.probability, SparseSlices) for m in ensemble):
+        boxes = [b for b in (m.probability.box(k) for m in ensemble) if b is not None]
+        if boxes:
+            box = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
+            return (box[0], box[2]), np.stack([m.probability.region(k, box) for m in ensemble])
+    return (0, 0), np.stack([np.asarray(m.probability[k]).astype(np.float32) for m in ensemble])
+
+
 def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSettings, model: ThresholdPredictor,
                timer: StageTimer) -> CaseResult:
     """Per-slice tau, q and verdict from the CT and the SEG members (the method of DESIGN §2)."""
@@ -105,10 +117,10 @@ def judge_case(ct: CtSeries, members: list[SegMember], settings: PipelineSetting
     uncertainty = SparseSlices(shape) if len(ensemble) >= 2 else None
     consensus: dict[int, np.ndarray] = {}
     for k in occupied:
-        stacked = np.stack([m.probability[k].astype(np.float32) for m in ensemble])
-        mean.put(k, stacked.mean(axis=0))
+        at, stacked = _members_on_slice(ensemble, k)
+        mean.put(k, stacked.mean(axis=0), at)
         if uncertainty is not None:
-            uncertainty.put(k, stacked.std(axis=0))
+            uncertainty.put(k, stacked.std(axis=0), at)
         consensus[k] = mean[k] >= 0.5
     if uncertainty is None:
         notes.append("one ensemble member: no uncertainty map; thresholds from the model without uncertainty metrics")

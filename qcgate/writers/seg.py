@@ -5,6 +5,11 @@ Up to three segments, in this order and numbered consecutively from 1 among thos
 lesion slice's AI mask goes, on its source CT image, into the segment of its verdict. Segments with no
 pixel are omitted, and so are empty frames (highdicom's default).
 
+Memory and time follow the lesion, not the series: the pixel array holds only the slices with a lesion
+pixel (frames x rows x cols, uint8 segment numbers: the segments never overlap); highdicom is given
+those images only, and every CT image of the series is then referenced as before (Source Image
+Sequence, Referenced Series Sequence, in the series' sorted order).
+
 Choices
 -------
 * Labels use an ASCII hyphen, not the en dash of DESIGN §2: the source CTs are mostly ISO_IR 100
@@ -25,14 +30,21 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from qcgate import __version__
-from qcgate.errors import InputError
 from qcgate.core.results import CaseResult, Verdict
+from qcgate.errors import InputError
 from qcgate.writers import codes as qc_codes
-from qcgate.writers.common import DerivationSources, is_synthetic_source, save_dataset, source_headers_for_derivation
+from qcgate.writers.common import (
+    DerivationSources,
+    is_synthetic_source,
+    save_dataset,
+    source_headers_for_derivation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +94,92 @@ def qc_algorithm_identification(result: CaseResult) -> hd.AlgorithmIdentificatio
     )
 
 
-def _verdict_masks(result: CaseResult, sorted_uids: list[str], shape: tuple[int, int]) -> dict[Verdict, np.ndarray]:
-    """One (slices, rows, cols) boolean volume per verdict, in the order of ``sorted_uids``."""
-    position_of_uid = {uid: k for k, uid in enumerate(sorted_uids)}
-    volumes = {verdict: np.zeros((len(sorted_uids), *shape), dtype=bool) for verdict in Verdict}
+def _verdict_planes(result: CaseResult, sorted_uids: list[str], shape: tuple[int, int]) -> dict[str, dict[Verdict, np.ndarray]]:
+    """Source image UID -> verdict -> (rows, cols) boolean plane, for the slices with a lesion pixel only
+    (memory follows the lesion, not the series)."""
+    known = set(sorted_uids)
+    planes: dict[str, dict[Verdict, np.ndarray]] = {}
     for item in result.slices:
         uid = str(item.source_image.SOPInstanceUID)
-        if uid not in position_of_uid:
+        if uid not in known:
             raise InputError(f"QC SEG: slice {item.slice_index} references an image that is not in the CT series")
         mask = np.asarray(item.ai_mask, dtype=bool)
         if mask.shape != shape:
             raise InputError(f"QC SEG: mask of slice {item.slice_index} has shape {mask.shape}, the CT has {shape}")
-        volumes[item.verdict][position_of_uid[uid]] |= mask
-    return volumes
+        if not mask.any():
+            continue  # highdicom would omit its frames anyway
+        by_verdict = planes.setdefault(uid, {})
+        if item.verdict in by_verdict:
+            by_verdict[item.verdict] = by_verdict[item.verdict] | mask
+        else:
+            by_verdict[item.verdict] = mask
+    return planes
+
+
+def _reference_all_sources(seg: hd.seg.Segmentation, sorted_sources: list[Dataset]) -> None:
+    """Reference every CT image of the series, in its sorted order, as highdicom does for its
+    ``source_images`` (Source Image Sequence; Referenced Series Sequence per series): the SEG is
+    built from the occupied images only, and the images without a frame must still be listed."""
+    references: list[Dataset] = []
+    by_series: dict[str, list[Dataset]] = {}
+    for ds in sorted_sources:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = ds.SOPClassUID
+        reference.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        references.append(reference)
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(reference)
+    seg.SourceImageSequence = references
+    series_items: list[Dataset] = []
+    for series_uid, instances in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedInstanceSequence = instances
+        series_items.append(item)
+    seg.ReferencedSeriesSequence = series_items
+
+
+def _series_pixel_measures(sorted_sources: list[Dataset]) -> hd.PixelMeasuresSequence:
+    """The Pixel Measures highdicom derives when every CT image is a source: spacing and thickness of
+    the first image, and Spacing Between Slices from the first image or, without it, from the
+    positions of the whole series when they are regularly spaced (``get_volume_positions``).
+
+    Given only the occupied images, highdicom would infer the spacing from those and leave it out
+    when the lesion slices have a gap; the receiver needs the series' spacing to place the frames."""
+    first = sorted_sources[0]
+    measures = hd.PixelMeasuresSequence(pixel_spacing=first.PixelSpacing, slice_thickness=first.SliceThickness,
+                                        spacing_between_slices=first.get("SpacingBetweenSlices", None))
+    if "SpacingBetweenSlices" not in measures[0]:
+        spacing, _ = hd.spatial.get_volume_positions(
+            image_positions=[ds.ImagePositionPatient for ds in sorted_sources],
+            image_orientation=first.ImageOrientationPatient,
+        )
+        if spacing is not None:
+            measures[0].SpacingBetweenSlices = format_number_as_ds(spacing)
+    return measures
+
+
+def _frame_stack(occupied: list[Dataset], planes: dict[str, dict[Verdict, np.ndarray]], ordered: list[Verdict],
+                 shape: tuple[int, int]) -> np.ndarray:
+    """The pixel array for highdicom, occupied slices only (segment number s = ordered[s - 1]).
+
+    Segments that never overlap (the rule: one verdict per slice) go as one label-map style
+    (frames, rows, cols) uint8 array of segment numbers: a third of the stacked array's memory, and
+    highdicom skips its overlap check; an overlap (two results on one image) needs the stacked
+    (frames, rows, cols, segments) array. highdicom writes the same BINARY frames from either."""
+    overlap = any(np.any(np.sum(list(by_verdict.values()), axis=0) > 1)
+                  for by_verdict in (planes[str(ds.SOPInstanceUID)] for ds in occupied) if len(by_verdict) > 1)
+    number_of = {verdict: number for number, verdict in enumerate(ordered, start=1)}
+    if overlap:
+        stack = np.zeros((len(occupied), *shape, len(ordered)), dtype=np.uint8)
+    else:
+        stack = np.zeros((len(occupied), *shape), dtype=np.uint8)
+    for frame, ds in enumerate(occupied):
+        for verdict, plane in planes[str(ds.SOPInstanceUID)].items():
+            if overlap:
+                stack[frame, :, :, number_of[verdict] - 1] = plane
+            else:
+                stack[frame][plane] = number_of[verdict]
+    return stack
 
 
 def build_qc_seg(
@@ -118,13 +203,17 @@ def build_qc_seg(
     sorted_sources = hd.spatial.sort_datasets(prepared)
     sorted_uids = [str(ds.SOPInstanceUID) for ds in sorted_sources]
     shape = (int(sorted_sources[0].Rows), int(sorted_sources[0].Columns))
-    volumes = _verdict_masks(result, sorted_uids, shape)
+    planes = _verdict_planes(result, sorted_uids, shape)
+    # Frames only from the source images that hold a lesion pixel (the others are referenced after),
+    # so a 1,000-slice series costs what its lesion slices cost.
+    occupied = [ds for ds in sorted_sources if str(ds.SOPInstanceUID) in planes]
+    present = {verdict for by_verdict in planes.values() for verdict in by_verdict}
 
     algorithm = qc_algorithm_identification(result)
     descriptions: list[hd.seg.SegmentDescription] = []
-    layers: list[np.ndarray] = []
+    ordered: list[Verdict] = []
     for verdict in (Verdict.ACCEPT, Verdict.REVIEW, Verdict.REJECT):
-        if not volumes[verdict].any():
+        if verdict not in present:
             continue  # an empty segment would only clutter the viewer's segment list
         style = VERDICT_SEGMENT_STYLES[verdict]
         descriptions.append(hd.seg.SegmentDescription(
@@ -138,13 +227,13 @@ def build_qc_seg(
             tracking_id=style.tracking_id,
             display_color=hd.color.CIELabColor(*style.display_color),
         ))
-        layers.append(volumes[verdict])
-    pixel_array = np.stack(layers, axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
+        ordered.append(verdict)
+    pixel_array = _frame_stack(occupied, planes, ordered, shape)
 
     synthetic = is_synthetic_source(sorted_sources) or result.synthetic_model
     description = ("SYNTHETIC " if synthetic else "") + QC_SEG_SERIES_DESCRIPTION
     seg = hd.seg.Segmentation(
-        source_images=sorted_sources,
+        source_images=occupied,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -162,6 +251,8 @@ def build_qc_seg(
         content_creator_name=None,
         omit_empty_frames=True,
     )
+    _reference_all_sources(seg, sorted_sources)
+    seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = _series_pixel_measures(sorted_sources)
     seg.SeriesDescription = description[:64]
     if result.synthetic_model:
         seg.ImageComments = (f"SYNTHETIC threshold model {result.model_name} {result.model_version}: trained on "
