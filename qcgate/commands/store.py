@@ -206,7 +206,8 @@ def _audit_deliveries(args: argparse.Namespace) -> int:
     with _open_audit_session(args) as session:
         rows = queries.list_deliveries(session, state=args.state, series_uid=args.series, kind=args.kind,
                                        sop_instance_uid=args.sop_instance_uid, destination=args.destination, limit=args.limit)
-    columns = ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "next_attempt_at", "last_error", "delivered_at"]
+    columns = ["delivery_id", "case_id", "kind", "destination", "state", "attempts", "sender", "next_attempt_at", "last_error",
+               "delivered_at"]
     with _output(args) as out:
         print_rows(rows, _export_columns(rows, columns, args.format), args.format, out)
     return 0

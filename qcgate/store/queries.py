@@ -350,6 +350,7 @@ def list_deliveries(session: Session, state: str | None = None, case_id: int | N
         pending = delivery.state == "pending"
         rows.append({"delivery_id": delivery.id, "case_id": output.case_id, "kind": output.kind,
                      "destination": delivery.destination, "state": delivery.state, "attempts": int(attempts or 0),
+                     "sender": delivery.sender,  # sent: the node that sent it; pending: the node sending it now
                      "next_attempt_at": _iso(delivery.next_attempt_at) if pending else None,
                      "last_error": delivery.last_error, "queued_at": _iso(delivery.queued_at),
                      "delivered_at": _iso(delivery.delivered_at),
