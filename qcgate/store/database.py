@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -53,16 +54,25 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def upgrade_database(engine: Engine, revision: str = "head") -> None:
-    """Apply Alembic migrations up to ``revision``."""
+def _migrate(engine: Engine, step: Callable[[AlembicConfig, str], None], revision: str) -> None:
     config = AlembicConfig()
     config.set_main_option("script_location", str(_MIGRATIONS))
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            step(config, revision)
     except OperationalError as exc:
         raise ConfigError(f"cannot reach database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+
+
+def upgrade_database(engine: Engine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to ``revision``."""
+    _migrate(engine, command.upgrade, revision)
+
+
+def downgrade_database(engine: Engine, revision: str) -> None:
+    """Undo Alembic migrations down to ``revision`` (the migration tests check each downgrade)."""
+    _migrate(engine, command.downgrade, revision)
 
 
 def is_current(engine: Engine) -> bool:

@@ -153,16 +153,9 @@ def test_migration_0003_adds_and_removes_only_its_indexes(db_url: str, tmp_path:
         added = indexes() - before
         assert {"ix_cases_verdict_created", "ix_instances_manufacturer_case", "ix_associations_calling_ae",
                 "ix_slice_results_case_verdict_created", "ix_outputs_sop"} <= added
-        from alembic import command
-        from alembic.config import Config
+        from qcgate.store.database import downgrade_database
 
-        from qcgate.store.database import _MIGRATIONS
-
-        config = Config()
-        config.set_main_option("script_location", str(_MIGRATIONS))
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0002")
+        downgrade_database(engine, "0002")
         assert indexes() == before
     finally:
         engine.dispose()

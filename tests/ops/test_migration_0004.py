@@ -7,18 +7,8 @@ from pathlib import Path
 
 from sqlalchemy import inspect, text
 
-from qcgate.store.database import _MIGRATIONS, create_db_engine, upgrade_database
+from qcgate.store.database import create_db_engine, downgrade_database, upgrade_database
 
-
-def _downgrade(engine, revision: str) -> None:  # type: ignore[no-untyped-def]
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(_MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
 
 
 def test_migration_0004_up_and_down(db_url: str, tmp_path: Path) -> None:
@@ -45,7 +35,7 @@ def test_migration_0004_up_and_down(db_url: str, tmp_path: Path) -> None:
         with engine.connect() as connection:
             queued = connection.execute(text("SELECT queued_at FROM deliveries WHERE id = 1")).scalar()
         assert str(queued).startswith("2026-11-01 09:00:00")
-        _downgrade(engine, "0003")
+        downgrade_database(engine, "0003")
         inspector = inspect(engine)
         assert set(inspector.get_table_names()) == tables_before
         assert "queued_at" not in {c["name"] for c in inspector.get_columns("deliveries")}

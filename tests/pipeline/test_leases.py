@@ -348,11 +348,9 @@ def test_a_memory_error_in_a_real_job_is_recorded_as_the_limit(database: Any, mo
 
 
 def test_migration_0006_adds_and_removes_only_the_lease_columns(db_url: str, tmp_path: Path) -> None:
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import inspect
 
-    from qcgate.store.database import _MIGRATIONS
+    from qcgate.store.database import downgrade_database
 
     url = db_url or f"sqlite:///{tmp_path / 'migrate.db'}"
     engine = create_db_engine(url)
@@ -365,11 +363,7 @@ def test_migration_0006_adds_and_removes_only_the_lease_columns(db_url: str, tmp
         before = columns()
         upgrade_database(engine, "0006")
         assert columns() - before == {"worker_host", "heartbeat_at", "lease_until"}
-        config = Config()
-        config.set_main_option("script_location", str(_MIGRATIONS))
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0005")
+        downgrade_database(engine, "0005")
         assert columns() == before
     finally:
         engine.dispose()

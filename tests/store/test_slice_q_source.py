@@ -23,23 +23,13 @@ from qcgate.pipeline.worker import (
     load_threshold_model,
 )
 from qcgate.store.database import (
-    _MIGRATIONS,
     create_db_engine,
+    downgrade_database,
     make_session_factory,
     upgrade_database,
 )
 from qcgate.store.models import Case, Job, SliceResultRecord
 
-
-def _downgrade(engine, revision: str) -> None:  # type: ignore[no-untyped-def]
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(_MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
 
 
 def test_migration_0009_up_and_down(db_url: str, tmp_path: Path) -> None:
@@ -59,7 +49,7 @@ def test_migration_0009_up_and_down(db_url: str, tmp_path: Path) -> None:
         with engine.connect() as connection:
             row = connection.execute(text("SELECT q_source, margin_reject, review_reason FROM slice_results")).one()
         assert tuple(row) == ("learned-um", None, None)  # the case's q source; the symmetric rule's NULL
-        _downgrade(engine, "0007")
+        downgrade_database(engine, "0007")
         columns = {c["name"] for c in inspect(engine).get_columns("slice_results")}
         assert not {"q_source", "margin_reject", "review_reason"} & columns
         with engine.connect() as connection:  # the row survives the round trip
