@@ -254,12 +254,17 @@ def build_qc_seg(
     _reference_all_sources(seg, sorted_sources)
     seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = _series_pixel_measures(sorted_sources)
     seg.SeriesDescription = description[:64]
+    label_synthetic(seg, result, synthetic)
+    return seg
+
+
+def label_synthetic(seg: Dataset, result: CaseResult, synthetic_source: bool) -> None:
+    """Say in Image Comments when a SYNTHETIC model made the verdicts or the source is a phantom."""
     if result.synthetic_model:
         seg.ImageComments = (f"SYNTHETIC threshold model {result.model_name} {result.model_version}: trained on "
                              "generated data; these verdicts are not for clinical decisions")
-    elif synthetic:
+    elif synthetic_source:
         seg.ImageComments = "SYNTHETIC source data: QC result for a qcgate phantom, not a patient"
-    return seg
 
 
 def write_qc_seg(result: CaseResult, out_path: Path) -> Path:

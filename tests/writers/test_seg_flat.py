@@ -62,11 +62,7 @@ def _whole_series_seg(result: CaseResult) -> hd.seg.Segmentation:
     )
     synthetic = seg_writer.is_synthetic_source(sorted_sources) or result.synthetic_model
     built.SeriesDescription = (("SYNTHETIC " if synthetic else "") + seg_writer.QC_SEG_SERIES_DESCRIPTION)[:64]
-    if result.synthetic_model:
-        built.ImageComments = (f"SYNTHETIC threshold model {result.model_name} {result.model_version}: trained on "
-                               "generated data; these verdicts are not for clinical decisions")
-    elif synthetic:
-        built.ImageComments = "SYNTHETIC source data: QC result for a qcgate phantom, not a patient"
+    seg_writer.label_synthetic(built, result, synthetic)
     return built
 
 
