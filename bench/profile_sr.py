@@ -1,5 +1,7 @@
 """Profile the job's SR stage on a SYNTHETIC 300-slice CT (headers only) with 100 lesion slices.
 
+SYNTHETIC data: generated CT headers, disk lesions, seeded τ, q and UM statistics.
+
 As in the job's ``write_sr`` stage: ``build_qc_sr`` with prepared derivation sources, then
 ``save_dataset`` (the pydicom file write), each slice carrying the nine UM statistics of the job.
 
@@ -32,22 +34,38 @@ UM_STATISTICS = ("um_mean", "um_std", "um_entropy", "um_p50", "um_p90", "um_p99"
 
 
 def make_result(slices: int, lesion: int):
-    """A SYNTHETIC CaseResult (tests/writers/conftest.py build_case) with the job's UM statistics."""
+    """A SYNTHETIC CaseResult: a disk lesion on ``lesion`` consecutive slices, τ and q seeded, the
+    job's nine UM statistics, two members (no pytest needed: a reference checkout has no test extras)."""
+    import highdicom as hd
     import pydicom
 
+    from qcgate.core.results import CaseResult, SliceResult, Verdict, slice_verdict
     from qcgate.phantom.dicom_export import write_ct_series
-    from tests.writers.conftest import build_case
 
     with tempfile.TemporaryDirectory() as tmp:
         write_ct_series(np.zeros((slices, 512, 512), np.int16), (0.7, 0.7), 1.0, Path(tmp), patient_id="PROFSR", deterministic_key="profsr")
-        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(Path(tmp).glob("*.dcm"))]
+        datasets = hd.spatial.sort_datasets([pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(Path(tmp).glob("*.dcm"))])
     first = (slices - lesion) // 2
     rng = np.random.default_rng(1)
-    lesions = [(k, float(rng.uniform(0.4, 0.8)), float(rng.uniform(0.3, 0.9))) for k in range(first, first + lesion)]
-    result = build_case(datasets, lesions, n_members=2).result
-    for item in result.slices:
-        item.uncertainty = {name: float(rng.uniform(0.0, 1.0)) for name in UM_STATISTICS}
-    return result
+    yy, xx = np.mgrid[0:512, 0:512]
+    items = []
+    for k in range(first, first + lesion):
+        tau, q = float(rng.uniform(0.4, 0.8)), float(rng.uniform(0.3, 0.9))
+        radius = 8 + (k - first) % 20
+        mask = (yy - 200) ** 2 + (xx - 180 - (k - first)) ** 2 <= radius**2
+        items.append(SliceResult(
+            source_image=datasets[k], slice_index=k, ai_mask=mask, tau=tau, q=q, margin=0.05,
+            verdict=slice_verdict(tau, q, 0.05), lesion_area_mm2=float(mask.sum() * 0.49),
+            uncertainty={name: float(rng.uniform(0.0, 1.0)) for name in UM_STATISTICS},
+        ))
+    verdicts = [item.verdict for item in items]
+    series = Verdict.REJECT if Verdict.REJECT in verdicts else Verdict.REVIEW if Verdict.REVIEW in verdicts else Verdict.ACCEPT
+    return CaseResult(
+        ct_datasets=datasets, slices=items, series_verdict=series,
+        series_policy="reject if any slice is rejected, review if any is for review, else accept",
+        model_name="phantom-full", model_version="1.2.0", q_source="ensemble-agreement", n_members=2,
+        uses_uncertainty=True, notes=["SYNTHETIC profile case"],
+    )
 
 
 def measure_once(result, sources, out_dir: Path) -> tuple[float, float]:

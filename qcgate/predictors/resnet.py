@@ -24,8 +24,9 @@ Inference (``ResNetPredictor.predict_crops``): the crops of a call go through th
 C-contiguous float32 array, on ``INFERENCE_THREADS`` torch threads (the previous count restored).
 The network is small (64² crops, stage widths 4–32): thread start-up and synchronisation cost more
 than they save, and a worker process that takes every core competes with the gate and the other
-workers. On the shared 2-core build machine, 100 crops in chunks of 25 (the worker's
-``ASSESS_CHUNK``) took 0.06–0.10 s on one thread and 0.3–1.2 s on two (``bench/profile_resnet.py``).
+workers. On the shared 2-core build machine (load average 3.7), 100 crops in chunks of 25 (the
+worker's ``ASSESS_CHUNK``) took a median 0.07 s (ResNet) / 0.10 s (ResNet with UM) on one thread
+and 0.32 / 0.29 s on two, single runs up to 1.3 s (``.venv/bin/python bench/profile_resnet.py``).
 """
 
 from __future__ import annotations
