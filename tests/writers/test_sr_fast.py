@@ -59,7 +59,8 @@ def test_encoded_groups_write_the_same_file_as_highdicom(synthetic_case: WriterC
     slow, slow_bytes = _saved(result, qc_seg, tmp_path / "slow.dcm", encode_groups=False, monkeypatch=monkeypatch)
     measurements = sr_module._imaging_measurements_container(fast)
     assert measurements.get_item(0x0040A730).is_raw  # the byte path was taken, and saving did not re-encode it
-    assert fast_bytes == slow_bytes, f"diff: python /tmp/srfast_diff.py {tmp_path}/fast.dcm {tmp_path}/slow.dcm"
+    first_difference = next((i for i, (a, b) in enumerate(zip(fast_bytes, slow_bytes)) if a != b), None)
+    assert fast_bytes == slow_bytes, f"files differ from byte {first_difference} (lengths {len(fast_bytes)}, {len(slow_bytes)})"
     # the in-memory dataset holds the same tree (the raw element parses back)
     assert len(measurements.ContentSequence) == len(sr_module._imaging_measurements_container(slow).ContentSequence)
     assert fast.content is not None
