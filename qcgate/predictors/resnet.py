@@ -18,16 +18,24 @@ Outside the frame the crop is padded with air (ct 0), probability 0 and uncertai
 Training: L1 loss (the figure of merit is the MAE), Adam, flips and 90° rotations (the target does not
 depend on orientation), the output bias initialised at the logit of the training mean. Deterministic:
 fixed seeds, ``torch.use_deterministic_algorithms``, a fixed thread count.
+
+Inference (``ResNetPredictor.predict_crops``): the crops of a call go through the network in batches
+(one forward per ``batch_size`` crops, not one per slice), under ``torch.inference_mode()``, as one
+C-contiguous float32 array, on ``INFERENCE_THREADS`` torch threads (the previous count restored).
+The network is small (64² crops, stage widths 4–32): thread start-up and synchronisation cost more
+than they save, and a worker process that takes every core competes with the gate and the other
+workers. On the shared 2-core build machine (load average 3.7), 100 crops in chunks of 25 (the
+worker's ``ASSESS_CHUNK``) took a median 0.07 s (ResNet) / 0.10 s (ResNet with UM) on one thread
+and 0.32 / 0.29 s on two, single runs up to 1.3 s (``.venv/bin/python bench/profile_resnet.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -36,6 +44,9 @@ from qcgate.errors import InputError
 CHANNELS: tuple[str, ...] = ("ct", "probability", "uncertainty")
 HU_WINDOW = (-1000.0, 400.0)
 STAGE_BLOCKS = (3, 4, 10, 3)
+#: torch threads of one inference call: one a worker process (see the module docstring), never more
+#: than the CPUs this process may run on.
+INFERENCE_THREADS = 1
 
 
 @dataclass
@@ -85,7 +96,7 @@ def crop_centre(probability: np.ndarray) -> tuple[int, int]:
     if total <= 0:
         return probability.shape[0] // 2, probability.shape[1] // 2
     rows, cols = np.indices(weights.shape)
-    return int(round(float((rows * weights).sum()) / total)), int(round(float((cols * weights).sum()) / total))
+    return round(float((rows * weights).sum()) / total), round(float((cols * weights).sum()) / total)
 
 
 def _crop(array: np.ndarray, centre: tuple[int, int], size: int, fill: float) -> np.ndarray:
@@ -209,6 +220,32 @@ def deterministic_torch(threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous_deterministic)
 
 
+def inference_thread_count() -> int:
+    """``INFERENCE_THREADS``, at most the CPUs this process may run on (its affinity mask)."""
+    import os
+
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        available = os.cpu_count() or 1
+    return max(1, min(INFERENCE_THREADS, available))
+
+
+@contextmanager
+def inference_threads() -> Iterator[None]:
+    """torch on ``inference_thread_count()`` threads for the duration (the previous count restored)."""
+    torch = _torch()
+    previous = torch.get_num_threads()
+    wanted = inference_thread_count()
+    if wanted != previous:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != previous:
+            torch.set_num_threads(previous)
+
+
 @dataclass
 class ResNetPredictor:
     """A trained network with its input definition."""
@@ -228,7 +265,7 @@ class ResNetPredictor:
         network = self.network
         network.eval()  # type: ignore[attr-defined]
         outputs = []
-        with torch.inference_mode():
+        with inference_threads(), torch.inference_mode():
             for start in range(0, len(selected), batch_size):
                 outputs.append(network(torch.from_numpy(selected[start:start + batch_size])).numpy())  # type: ignore[operator]
         if not outputs:

@@ -29,8 +29,10 @@ The evidence lists every CT image, the QC SEG when given, and the AI segmentatio
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -38,18 +40,29 @@ from functools import lru_cache
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_sequence_item
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DS
 
 from qcgate import __version__
-from qcgate.errors import InputError
 from qcgate.core.results import CaseResult, SliceResult, Verdict
+from qcgate.errors import InputError
 from qcgate.writers import codes as qc_codes
 from qcgate.writers.common import (
-    DerivationSources, is_synthetic_source, save_dataset, slice_location, source_headers_for_derivation,
+    DerivationSources,
+    is_synthetic_source,
+    save_dataset,
+    slice_location,
+    source_headers_for_derivation,
 )
 from qcgate.writers.contour import outer_contour
 
@@ -131,7 +144,7 @@ def _slice_items(item: SliceResult) -> tuple[list[hd.sr.Measurement], list[hd.sr
         measurements.append(_ratio(qc_codes.MARGIN_REJECT, reject_margin))
     measurements.append(hd.sr.Measurement(name=qc_codes.AREA, value=float(item.lesion_area_mm2), unit=qc_codes.UNIT_MM2))
     for name, value in sorted((item.uncertainty or {}).items()):
-        if value == value:  # a NaN statistic (empty region) is left out rather than written as a number
+        if not math.isnan(value):  # a NaN statistic (empty region) is left out rather than written as a number
             concept, unit = qc_codes.uncertainty_code(name)
             measurements.append(hd.sr.Measurement(name=concept, value=float(value), unit=unit))
     measurements.extend(_location_measurements(item))
@@ -141,7 +154,11 @@ def _slice_items(item: SliceResult) -> tuple[list[hd.sr.Measurement], list[hd.sr
 def _tracking(item: SliceResult) -> hd.sr.TrackingIdentifier:
     """One tracking identifier per lesion slice, shared by its TID 1501 and TID 1410 groups (the same
     finding); named by the CT's InstanceNumber and z position, the numbering of every output."""
-    return hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"Lesion {slice_location(item.source_image).label}"[:64])
+    return hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=_tracking_label(item))
+
+
+def _tracking_label(item: SliceResult) -> str:
+    return f"Lesion {slice_location(item.source_image).label}"[:64]
 
 
 def _slice_group(item: SliceResult, algorithm: hd.sr.AlgorithmIdentification,
@@ -282,10 +299,13 @@ def build_qc_sr(
     sop_instance_uid: str | None = None,
     series_number: int = QC_SR_SERIES_NUMBER,
     sources: DerivationSources | None = None,
+    encode_groups: bool = True,
 ) -> hd.sr.Comprehensive3DSR:
     """The QC SR as a highdicom dataset (see the module docstring); ``write_qc_sr`` saves it.
 
-    ``sources``: the headers prepared once per job (``prepare_derivation_sources``); else prepared here."""
+    ``sources``: the headers prepared once per job (``prepare_derivation_sources``); else prepared here.
+    ``encode_groups``: the slice groups are encoded straight to bytes (``_SliceGroupEncoder``, the
+    same file); False builds them as highdicom items (the reference the tests compare with)."""
     if not result.ct_datasets:
         raise InputError("QC SR: the case has no source CT datasets")
     ct_sources = sources.ct if sources is not None else source_headers_for_derivation(result.ct_datasets)
@@ -296,21 +316,9 @@ def build_qc_sr(
 
     algorithm = _algorithm(result)
     segment_numbers = qc_seg_segment_numbers(qc_seg)
-    groups: list[Dataset] = []
-    outlines: list[Dataset] = []
-    for item in sorted(result.slices, key=lambda s: s.slice_index):
-        tracking = _tracking(item)
-        slice_group = _slice_group(item, algorithm, tracking)
-        segment = _segment_reference(item, qc_seg, segment_numbers)
-        if segment is not None:
-            slice_group[0].ContentSequence.append(segment)
-        groups.append(slice_group)
-        # the same finding: same tracking UID and identifier (fresh items, not shared ones)
-        same = hd.sr.TrackingIdentifier(uid=str(tracking[1].UID), identifier=str(tracking[0].TextValue))
-        outline = _outline_group(item, algorithm, same, _segment_reference(item, qc_seg, segment_numbers))
-        if outline is not None:
-            outlines.append(outline)
-    groups.extend(outlines)  # TID 1501 groups first (as before), then the TID 1410 outlines
+    ordered = sorted(result.slices, key=lambda s: s.slice_index)
+    encoded = _encoded_slice_groups(result, ordered, algorithm, qc_seg, segment_numbers) if encode_groups else None
+    groups = [] if encoded is not None else _highdicom_slice_groups(ordered, algorithm, qc_seg, segment_numbers)
     summary = _summary_group(result, algorithm)
     # highdicom's SR constructor deep-copies the whole content tree, parses the copy back into content
     # items and searches it for referenced instances (about 2/3 of the build time for 100 slice groups).
@@ -343,11 +351,302 @@ def build_qc_sr(
     )
     measurements = _imaging_measurements_container(sr)
     position = next(i for i, item in enumerate(measurements.ContentSequence) if item is summary[0])
-    measurements.ContentSequence[position:position] = [group[0] for group in groups]
+    if encoded is None:
+        measurements.ContentSequence[position:position] = [group[0] for group in groups]
+    else:
+        _put_encoded_groups(sr, measurements, position, encoded)
     sr._content = None  # parsed again, from the complete tree, on first use
     # Declare the private coding scheme used by the content items (SOP Common module).
     sr.CodingSchemeIdentificationSequence = [qc_codes.coding_scheme_identification()]
     return sr
+
+
+def _highdicom_slice_groups(ordered: Sequence[SliceResult], algorithm: hd.sr.AlgorithmIdentification,
+                            qc_seg: Dataset | None, segment_numbers: dict[str, int]) -> list[Dataset]:
+    """The slice groups as highdicom items: the TID 1501 groups, then the TID 1410 outlines."""
+    groups: list[Dataset] = []
+    outlines: list[Dataset] = []
+    for item in ordered:
+        tracking = _tracking(item)
+        slice_group = _slice_group(item, algorithm, tracking)
+        segment = _segment_reference(item, qc_seg, segment_numbers)
+        if segment is not None:
+            slice_group[0].ContentSequence.append(segment)
+        groups.append(slice_group)
+        # the same finding: same tracking UID and identifier (fresh items, not shared ones)
+        same = hd.sr.TrackingIdentifier(uid=str(tracking[1].UID), identifier=str(tracking[0].TextValue))
+        outline = _outline_group(item, algorithm, same, _segment_reference(item, qc_seg, segment_numbers))
+        if outline is not None:
+            outlines.append(outline)
+    return groups + outlines  # TID 1501 groups first (as before), then the TID 1410 outlines
+
+
+def _encoded_slice_groups(result: CaseResult, ordered: Sequence[SliceResult], algorithm: hd.sr.AlgorithmIdentification,
+                          qc_seg: Dataset | None, segment_numbers: dict[str, int]) -> bytes | None:
+    """The slice groups of ``_highdicom_slice_groups`` as encoded sequence items, in the same order;
+    None when the byte path does not apply (then the highdicom path builds them)."""
+    from qcgate.writers.seg import VERDICT_SEGMENT_STYLES
+
+    constant_text = [result.model_name, result.model_version, result.q_source, __version__]
+    if not all(str(text).isascii() for text in constant_text):
+        return None  # constant items are encoded once with the default character set: ASCII only
+    try:
+        encoder = _SliceGroupEncoder(algorithm, convert_encodings(default_encoding))
+        measurement_groups: list[bytes] = []
+        outline_groups: list[bytes] = []
+        for item in ordered:
+            number = segment_numbers.get(VERDICT_SEGMENT_STYLES[item.verdict].label)
+            group, outline = encoder.groups(item, generate_uid(), qc_seg, number)
+            measurement_groups.append(group)
+            if outline is not None:
+                outline_groups.append(outline)
+    except (_NotEncodable, ValueError, TypeError, OverflowError) as error:
+        log.debug("QC SR: slice groups built by highdicom (%s)", error)
+        return None
+    return b"".join(measurement_groups) + b"".join(outline_groups)
+
+
+def _put_encoded_groups(sr: Dataset, measurements: Dataset, position: int, encoded: bytes) -> None:
+    """Insert the encoded slice groups before item ``position`` of the Imaging Measurements container.
+
+    The container's ContentSequence becomes one raw element (the other items encoded by pydicom as
+    it would write them); the root and the container are marked as already in the file's encoding
+    so that pydicom writes the raw element as it is instead of parsing it to re-encode it."""
+    if str(sr.file_meta.TransferSyntaxUID) != ExplicitVRLittleEndian:
+        raise RuntimeError(f"QC SR: encoded groups need Explicit VR Little Endian, not {sr.file_meta.TransferSyntaxUID}")
+    encodings = convert_encodings(sr.get("SpecificCharacterSet", default_encoding))
+    items = list(measurements.ContentSequence)
+    raw = (b"".join(_pydicom_item(item, encodings) for item in items[:position]) + encoded
+           + b"".join(_pydicom_item(item, encodings) for item in items[position:]))
+    tag = Tag(_TAG_CONTENT_SEQUENCE)
+    measurements[tag] = RawDataElement(tag, "SQ", len(raw), raw, 0, False, True)
+    measurements.set_original_encoding(False, True, measurements._character_set)
+    sr.set_original_encoding(False, True, sr._character_set)
+
+
+# --- the slice groups encoded straight to bytes --------------------------------------------------
+# highdicom builds ~20,000 nested pydicom Datasets for 100 slice groups (each item validated) and
+# pydicom then walks them again to encode them: together ~5 s of the job's SR stage. The slice
+# groups are therefore encoded once, directly to Explicit VR Little Endian bytes, from templates:
+# every constant part (the group containers, finding type/category/method, algorithm, codes, units)
+# is a highdicom item of the same construction, encoded by pydicom once per build; only the values
+# of a slice (tracking identifier and UID, the NUM values, image references, the outline) are
+# encoded here. The bytes are the Imaging Measurements container's ContentSequence as a raw element:
+# pydicom writes it as it is and parses it back on access. The result is byte for byte what the
+# highdicom path writes (tests/writers/test_sr_fast.py); anything this path does not handle (text
+# that is not ASCII, a value highdicom would refuse) falls back to the highdicom path.
+
+#: Explicit VR with a 4-byte length (PS3.5 7.1.2).
+_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_TAG_CONTENT_SEQUENCE = 0x0040A730
+_TAG_MEASURED_VALUE_SEQUENCE = 0x0040A300
+_TAG_REFERENCED_SOP_SEQUENCE = 0x00081199
+_TAG_TEXT_VALUE = 0x0040A160
+_TAG_UID = 0x0040A124
+_TAG_GRAPHIC_DATA = 0x00700022
+
+
+class _NotEncodable(Exception):
+    """A value the byte path does not encode; the highdicom path builds the groups instead."""
+
+
+def _element(tag: int, vr: str, value: bytes) -> bytes:
+    """One Explicit VR Little Endian data element (value already padded to even length)."""
+    if vr in _LONG_LENGTH_VRS:
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)) + value
+    if len(value) > 0xFFFF:
+        raise _NotEncodable(f"element {tag:08X}: {len(value)} bytes do not fit a 2-byte length")
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+
+def _string_element(tag: int, vr: str, value: str) -> bytes:
+    """A text element: ASCII only (the same bytes in every character set), padded as pydicom pads."""
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError as error:
+        raise _NotEncodable("non-ASCII text") from error
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    return _element(tag, vr, raw)
+
+
+def _item(body: bytes) -> bytes:
+    """A sequence item of defined length, as pydicom writes items."""
+    return _ITEM_TAG + struct.pack("<I", len(body)) + body
+
+
+def _sequence(tag: int, items: Sequence[bytes]) -> bytes:
+    """An SQ element of defined length holding already-encoded items."""
+    return _element(tag, "SQ", b"".join(items))
+
+
+def _pydicom_elements(dataset: Dataset, encodings: list[str]) -> dict[int, bytes]:
+    """{tag: pydicom's Explicit VR Little Endian encoding} of each top-level element of ``dataset``."""
+    encoded: dict[int, bytes] = {}
+    for element in dataset.elements():
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_data_element(buffer, dataset[element.tag], encodings)
+        encoded[int(element.tag)] = buffer.getvalue()
+    return encoded
+
+
+def _pydicom_item(dataset: Dataset, encodings: list[str]) -> bytes:
+    """The sequence item pydicom writes for ``dataset``."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_sequence_item(buffer, dataset, encodings)
+    return buffer.getvalue()
+
+
+class _ItemTemplate:
+    """An item whose elements are constant but for ``variable`` tags: the constant elements are
+    pydicom's encoding of ``prototype``; ``render`` puts the variable elements in tag order."""
+
+    def __init__(self, prototype: Dataset, variable: Sequence[int], encodings: list[str]) -> None:
+        constant = {tag: raw for tag, raw in _pydicom_elements(prototype, encodings).items() if tag not in variable}
+        # runs of constant bytes between the variable elements, in tag order
+        self._variable = sorted(variable)
+        self._runs: list[bytes] = []
+        bounds = [-1, *self._variable, 1 << 32]
+        for low, high in itertools.pairwise(bounds):
+            self._runs.append(b"".join(raw for tag, raw in sorted(constant.items()) if low < tag < high))
+
+    def render(self, values: dict[int, bytes]) -> bytes:
+        parts = [self._runs[0]]
+        for tag, run in zip(self._variable, self._runs[1:]):
+            parts.append(values[tag])
+            parts.append(run)
+        return _item(b"".join(parts))
+
+
+class _SliceGroupEncoder:
+    """Encodes the TID 1501 and TID 1410 groups of lesion slices (the same content as _slice_group
+    and _outline_group) from highdicom prototypes built once per SR."""
+
+    _DUMMY_UID = "1.2.3"
+
+    def __init__(self, algorithm: hd.sr.AlgorithmIdentification, encodings: list[str]) -> None:
+        self._encodings = encodings
+        tracking = hd.sr.TrackingIdentifier(uid=self._DUMMY_UID, identifier="x")
+        common = {"tracking_identifier": tracking, "finding_type": qc_codes.LESION_TYPE,
+                  "finding_category": qc_codes.LESION_CATEGORY, "method": qc_codes.QC_METHOD, "algorithm_id": algorithm}
+        image = {"referenced_sop_class_uid": CTImageStorage, "referenced_sop_instance_uid": self._DUMMY_UID}
+        measurement_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            **common, source_images=[hd.sr.SourceImageForMeasurementGroup(**image)])[0]
+        outline_group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            **common, referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=np.zeros((3, 2), np.float32),
+                source_image=hd.sr.SourceImageForRegion(**image)))[0]
+        self._measurement_container = _ItemTemplate(measurement_group, [_TAG_CONTENT_SEQUENCE], encodings)
+        self._outline_container = _ItemTemplate(outline_group, [_TAG_CONTENT_SEQUENCE], encodings)
+        self._measurement_constant = [_pydicom_item(item, encodings) for item in measurement_group.ContentSequence[2:-1]]
+        self._outline_constant = [_pydicom_item(item, encodings) for item in outline_group.ContentSequence[2:-1]]
+        self._tracking_text = _ItemTemplate(tracking[0], [_TAG_TEXT_VALUE], encodings)
+        self._tracking_uid = _ItemTemplate(tracking[1], [_TAG_UID], encodings)
+        self._source_image = _ItemTemplate(measurement_group.ContentSequence[-1], [_TAG_REFERENCED_SOP_SEQUENCE], encodings)
+        region = outline_group.ContentSequence[-1]
+        self._region = _ItemTemplate(region, [_TAG_CONTENT_SEQUENCE, _TAG_GRAPHIC_DATA], encodings)
+        self._region_source = _ItemTemplate(region.ContentSequence[0], [_TAG_REFERENCED_SOP_SEQUENCE], encodings)
+        self._numbers: dict[tuple[tuple[str, str, str, str | None], tuple[str, str, str, str | None]], tuple[_ItemTemplate, bytes]] = {}
+        self._codes: dict[tuple[tuple[str, str, str, str | None], tuple[str, str, str, str | None]], bytes] = {}
+        self._segments: dict[tuple[str, str, int], bytes] = {}
+
+    def _number(self, name: Code, value: float, unit: Code) -> bytes:
+        """A NUM item as hd.sr.Measurement writes it: unit, FloatingPointValue, NumericValue (DS)."""
+        key = (_code_key(name), _code_key(unit))
+        found = self._numbers.get(key)
+        if found is None:
+            template_items = hd.sr.Measurement(name=name, value=0.0, unit=unit)
+            if len(template_items) != 1 or "ContentSequence" in template_items[0]:
+                raise _NotEncodable("a measurement with more than one item")
+            prototype = template_items[0]
+            measured = prototype.MeasuredValueSequence[0]
+            units = _pydicom_elements(measured, self._encodings)[0x004008EA]
+            found = self._numbers[key] = (_ItemTemplate(prototype, [_TAG_MEASURED_VALUE_SEQUENCE], self._encodings), units)
+        template, units = found
+        value = float(value)
+        numeric = str(DS(value, auto_format=True))
+        body = units + _element(0x0040A161, "FD", struct.pack("<d", value)) + _string_element(0x0040A30A, "DS", numeric)
+        return template.render({_TAG_MEASURED_VALUE_SEQUENCE: _sequence(_TAG_MEASURED_VALUE_SEQUENCE, [_item(body)])})
+
+    def _code(self, name: Code, value: Code) -> bytes:
+        """A CODE item as hd.sr.QualitativeEvaluation writes it (constant: encoded once)."""
+        key = (_code_key(name), _code_key(value))
+        if key not in self._codes:
+            self._codes[key] = _pydicom_item(hd.sr.QualitativeEvaluation(name=name, value=value)[0], self._encodings)
+        return self._codes[key]
+
+    def _segment(self, qc_seg: Dataset, number: int) -> bytes:
+        """The IMAGE item of a QC SEG segment (_segment_reference), constant per segment."""
+        key = (str(qc_seg.SOPClassUID), str(qc_seg.SOPInstanceUID), number)
+        if key not in self._segments:
+            item = hd.sr.ImageContentItem(
+                name=qc_codes.QC_SEG_SEGMENT, referenced_sop_class_uid=key[0], referenced_sop_instance_uid=key[1],
+                referenced_segment_numbers=[number], relationship_type="CONTAINS")
+            self._segments[key] = _pydicom_item(item, self._encodings)
+        return self._segments[key]
+
+    def _items(self, item: SliceResult) -> list[bytes]:
+        """_slice_items, encoded: the measurements, then the evaluations."""
+        measurements = [self._number(qc_codes.TAU, item.tau, qc_codes.UNIT_RATIO)]
+        evaluations = [self._code(qc_codes.QUALITY_ASSESSMENT, qc_codes.VERDICT_CODES[item.verdict])]
+        if item.q is not None and item.q == item.q:
+            measurements.append(self._number(qc_codes.Q_ESTIMATE, item.q, qc_codes.UNIT_RATIO))
+        else:
+            evaluations.append(self._code(qc_codes.Q_ESTIMATE, qc_codes.VALUE_UNKNOWN))
+        if item.margin is not None and math.isfinite(item.margin):
+            measurements.append(self._number(qc_codes.MARGIN, item.margin, qc_codes.UNIT_RATIO))
+        reject_margin = item.margin if item.margin_reject is None else item.margin_reject
+        if reject_margin is not None and math.isfinite(reject_margin) and reject_margin != item.margin:
+            measurements.append(self._number(qc_codes.MARGIN_REJECT, reject_margin, qc_codes.UNIT_RATIO))
+        measurements.append(self._number(qc_codes.AREA, float(item.lesion_area_mm2), qc_codes.UNIT_MM2))
+        for name, value in sorted((item.uncertainty or {}).items()):
+            if not math.isnan(value):  # as _slice_items
+                concept, unit = qc_codes.uncertainty_code(name)
+                measurements.append(self._number(concept, value, unit))
+        location = slice_location(item.source_image)
+        if location.instance_number is not None:
+            measurements.append(self._number(qc_codes.INSTANCE_NUMBER, float(location.instance_number), qc_codes.UNIT_RATIO))
+        if location.z_mm is not None:
+            measurements.append(self._number(qc_codes.SLICE_POSITION, float(location.z_mm), qc_codes.UNIT_MM))
+        return measurements + evaluations
+
+    @staticmethod
+    def _image_reference(source: Dataset) -> bytes:
+        body = (_string_element(0x00081150, "UI", str(source.SOPClassUID)) + _string_element(0x00081155, "UI", str(source.SOPInstanceUID)))
+        return _sequence(_TAG_REFERENCED_SOP_SEQUENCE, [_item(body)])
+
+    def groups(self, item: SliceResult, tracking_uid: str, qc_seg: Dataset | None,
+               segment_number: int | None) -> tuple[bytes, bytes | None]:
+        """(TID 1501 group, TID 1410 group or None for an empty mask) of one lesion slice."""
+        tracking = [
+            self._tracking_text.render({_TAG_TEXT_VALUE: _string_element(_TAG_TEXT_VALUE, "UT", _tracking_label(item))}),
+            self._tracking_uid.render({_TAG_UID: _string_element(_TAG_UID, "UI", tracking_uid)}),
+        ]
+        values = self._items(item)
+        reference = self._image_reference(item.source_image)
+        segment = [] if qc_seg is None or segment_number is None else [self._segment(qc_seg, segment_number)]
+        source = self._source_image.render({_TAG_REFERENCED_SOP_SEQUENCE: reference})
+        measurement_group = self._measurement_container.render({_TAG_CONTENT_SEQUENCE: _sequence(
+            _TAG_CONTENT_SEQUENCE, [*tracking, *self._measurement_constant, *values, source, *segment])})
+        points = outer_contour(item.ai_mask)
+        if points is None:
+            return measurement_group, None
+        graphic = np.ascontiguousarray(np.asarray(points, dtype=np.float32).reshape(-1, 2), dtype="<f4").tobytes()
+        region = self._region.render({
+            _TAG_CONTENT_SEQUENCE: _sequence(_TAG_CONTENT_SEQUENCE, [
+                self._region_source.render({_TAG_REFERENCED_SOP_SEQUENCE: reference})]),
+            _TAG_GRAPHIC_DATA: _element(_TAG_GRAPHIC_DATA, "FL", graphic),
+        })
+        outline_group = self._outline_container.render({_TAG_CONTENT_SEQUENCE: _sequence(
+            _TAG_CONTENT_SEQUENCE, [*tracking, *self._outline_constant, *values, region, *segment])})
+        return measurement_group, outline_group
+
+
+def _code_key(code: Code) -> tuple[str, str, str, str | None]:
+    return (code.value, code.scheme_designator, code.meaning, code.scheme_version)
 
 
 class _QcComprehensive3DSR(hd.sr.Comprehensive3DSR):
@@ -480,7 +779,7 @@ def read_qc_sr(path: Path) -> QcReport:
         number = _single_value(group, qc_codes.INSTANCE_NUMBER)
         slices.append(SliceReport(
             sop_instance_uid=uid,
-            instance_number=None if number is None else int(round(number)),
+            instance_number=None if number is None else round(number),
             z_mm=_single_value(group, qc_codes.SLICE_POSITION),
             outline=outlines.get(uid),
             qc_seg_segment=_segment_number(group),
