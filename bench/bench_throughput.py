@@ -1,14 +1,15 @@
 """Throughput with 1, 2 and 3 QC worker processes, and what it implies for more cores.
 
     .venv/bin/python bench/bench_throughput.py [--cases 4] [--slices 100] [--lesion-slices 30]
-        [--workers 1 2 3] [--repeats 2] [--model phantom-full]
+        [--workers 1 2 3] [--repeats 2] [--model phantom-full] [--no-warmup]
 
 SYNTHETIC cases (`bench_pipeline.make_case`: a CT with a lesion and two FRACTIONAL members, each
 case its own study) are all sent by storescu, one association per case, to one `qcgate serve`
-(SQLite, `pipeline.workers = N`, a DCMTK storescp as the PACS). Measured per run: wall time from
+(SQLite, `pipeline.workers = N`, a DCMTK storescp as the PACS), after one small warm-up case per
+worker (steady operation: models loaded; `--no-warmup` measures cold workers). Measured per run: wall time from
 the first instance sent to the last case's SR delivered, cases per minute, and the CPU seconds
-(user + system) of the gate process and of its QC worker processes, read from /proc before the
-gate stops. The reference is the 1-worker run of the same repeat (runs interleaved: 1, 2, 3, 1,
+(user + system) of the gate process and of its QC worker processes during the measured part, read
+from /proc. The reference is the 1-worker run of the same repeat (runs interleaved: 1, 2, 3, 1,
 2, 3, ...), so the figure is a ratio: speed-up(N) = median wall(1) / median wall(N).
 
 Scaling beyond this machine is an estimate, not a measurement: with C cores and N ≤ C workers the
@@ -55,8 +56,29 @@ def srs_sent(database: Path) -> int:
                                   "WHERE o.kind = 'sr' AND d.state = 'sent'").fetchone()[0]
 
 
-def run_once(work: Path, cases: list[list[Path]], workers: int, model: str) -> dict[str, float]:
-    """One gate with ``workers`` QC processes; every case sent at once; until every SR is delivered."""
+def send_all(port: int, cases: list[list[Path]]) -> None:
+    """One storescu association per case, all at once."""
+    senders = [subprocess.Popen(["storescu", "-R", "-aec", "QCGATE", "127.0.0.1", str(port), *map(str, files)],
+                                env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for files in cases]
+    if any(sender.wait(timeout=600) != 0 for sender in senders):
+        raise RuntimeError("a storescu send failed")
+
+
+def wait_for_srs(database: Path, count: int, since: float) -> None:
+    while srs_sent(database) < count:
+        with sqlite3.connect(database) as connection:
+            failed = connection.execute("SELECT reason FROM cases WHERE state = 'failed'").fetchone()
+        if failed:
+            raise RuntimeError(f"a job failed: {failed[0]}")
+        if time.monotonic() - since > 1800:
+            raise RuntimeError("not every SR was delivered within 30 min")
+        time.sleep(0.1)
+
+
+def run_once(work: Path, cases: list[list[Path]], workers: int, model: str, warmup: list[list[Path]]) -> dict[str, float]:
+    """One gate with ``workers`` QC processes; after ``workers`` warm-up cases (one per worker, so
+    every worker has its model loaded), every measured case sent at once, until every SR is delivered."""
     pacs_dir, data_dir = work / "pacs", work / "gate"
     pacs_dir.mkdir(parents=True)
     pacs_port, gate_port = free_port(), free_port()
@@ -77,25 +99,20 @@ def run_once(work: Path, cases: list[list[Path]], workers: int, model: str) -> d
             if gate.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((work / "gate.log").read_text())
             time.sleep(0.1)
-        start = time.monotonic()
-        senders = [subprocess.Popen(["storescu", "-R", "-aec", "QCGATE", "127.0.0.1", str(gate_port), *map(str, files)],
-                                    env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                   for files in cases]
-        if any(sender.wait(timeout=600) != 0 for sender in senders):
-            raise RuntimeError("a storescu send failed")
         database = data_dir / "qcgate.db"
-        while srs_sent(database) < len(cases):
-            with sqlite3.connect(database) as connection:
-                failed = connection.execute("SELECT reason FROM cases WHERE state = 'failed'").fetchone()
-            if failed:
-                raise RuntimeError(f"a job failed: {failed[0]}")
-            if time.monotonic() - start > 1800:
-                raise RuntimeError("not every SR was delivered within 30 min")
-            time.sleep(0.1)
+        if warmup:
+            send_all(gate_port, warmup[:workers])
+            wait_for_srs(database, workers, time.monotonic())
+        before = {pid: cpu_seconds(pid) for pid in descendants(gate.pid)}
+        start = time.monotonic()
+        send_all(gate_port, cases)
+        received = time.monotonic() - start
+        wait_for_srs(database, len(cases) + (workers if warmup else 0), start)
         wall = time.monotonic() - start
         processes = descendants(gate.pid)
-        return {"wall": wall, "cases_per_min": 60 * len(cases) / wall,
-                "gate_cpu": cpu_seconds(processes[0]), "worker_cpu": sum(map(cpu_seconds, processes[1:]))}
+        used = {pid: cpu_seconds(pid) - before.get(pid, 0.0) for pid in processes}
+        return {"wall": wall, "received": received, "cases_per_min": 60 * len(cases) / wall,
+                "gate_cpu": used[processes[0]], "worker_cpu": sum(used[pid] for pid in processes[1:])}
     finally:
         gate.terminate()
         gate.wait(timeout=60)
@@ -111,6 +128,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="phantom-full")
+    parser.add_argument("--no-warmup", action="store_true", help="measure cold workers (imports and model load included)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qcgate-throughput-") as tmp:
         root = Path(tmp)
@@ -119,10 +137,14 @@ def main() -> None:
             ct_files, seg_files, _, _ = make_case(root / f"case{index}", args.slices, args.lesion_slices, seed=index,
                                                   patient_id=f"BENCHTP{index}")
             cases.append([*ct_files, *seg_files])
+        warmup = []
+        for index in range(0 if args.no_warmup else max(args.workers)):  # small SYNTHETIC cases, one per worker
+            ct_files, seg_files, _, _ = make_case(root / f"warm{index}", 8, 3, seed=100 + index, patient_id=f"BENCHWARM{index}")
+            warmup.append([*ct_files, *seg_files])
         runs: dict[int, list[dict[str, float]]] = {n: [] for n in args.workers}
         for repeat in range(args.repeats):
             for workers in args.workers:
-                result = run_once(root / f"run-{repeat}-{workers}", cases, workers, args.model)
+                result = run_once(root / f"run-{repeat}-{workers}", cases, workers, args.model, warmup)
                 runs[workers].append(result)
                 print(f"repeat {repeat + 1}, {workers} worker(s): {result['wall']:.1f} s, {result['cases_per_min']:.2f} cases/min, "
                       f"CPU gate {result['gate_cpu']:.1f} s, workers {result['worker_cpu']:.1f} s", flush=True)
